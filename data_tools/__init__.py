@@ -1,0 +1,1 @@
+"""Offline generators and converters that write ville WebDataset shards (ville never imports this package)."""

@@ -1,0 +1,277 @@
+"""The model on CPU with tiny configs of three decoder families (Gemma2, Llama, Qwen2)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build, frames, tiny_cfg
+
+from ville import ViLLE
+from ville.llm import AttnState
+
+PROMPTS = ["Question: what colour is the circle? Answer:", "Describe", "how many objects move left and then up?"]
+
+
+def _prefix_suffix_hidden(model, suffix):
+    prompt_ids = model._token_ids(PROMPTS[:2], "p")
+    prefixes = model._video_prefixes(frames(2), prompt_ids)
+    return model._full(prefixes, [suffix, suffix])
+
+
+def test_prefix_lm_mask(family):
+    model = build(family)
+    torch.manual_seed(1)
+    suffix = torch.randn(5, model.hidden)
+    changed = suffix.clone()
+    changed[3] = torch.randn(model.hidden) * 3
+    with torch.no_grad():
+        h1, plens, _ = _prefix_suffix_hidden(model, suffix)
+        h2, _, _ = _prefix_suffix_hidden(model, changed)
+    for b in range(2):
+        p = int(plens[b])
+        # the prefix never sees the suffix; suffix positions before the change see only earlier tokens
+        torch.testing.assert_close(h1[b, : p + 3], h2[b, : p + 3], rtol=0, atol=1e-6)
+        assert (h1[b, p + 3] - h2[b, p + 3]).abs().max() > 1e-3
+        assert (h1[b, p + 4] - h2[b, p + 4]).abs().max() > 1e-3
+
+
+def test_prefix_is_bidirectional(family):
+    """Changing the last prompt token changes the hidden states of earlier prefix tokens (not causal)."""
+    model = build(family)
+    fr = frames(1)
+    with torch.no_grad():
+        a, plens, _ = model._full(model._video_prefixes(fr, model._token_ids(["red circle"], "p")), None)
+        b, _, _ = model._full(model._video_prefixes(fr, model._token_ids(["red square"], "p")), None)
+    assert (a[0, 0] - b[0, 0]).abs().max() > 1e-4
+
+
+def test_padding_never_leaks(family):
+    """A sample's outputs are the same alone and next to a longer prompt (right padding is masked)."""
+    model = build(family)
+    fr = frames(2)
+    with torch.no_grad():
+        alone = model.match_logits(fr[:1], [PROMPTS[1]])
+        both = model.match_logits(fr, [PROMPTS[1], PROMPTS[2]])
+    torch.testing.assert_close(alone, both[:1], rtol=1e-5, atol=1e-5)
+
+
+def test_embedding_decode_equals_full_recomputation(family):
+    model = build(family)
+    fr = frames(3)
+    k = 4
+    with torch.no_grad():
+        cached = model.embed_video(fr, num_tokens=k)
+        full = model.video_embed_steps(fr, k)
+    assert cached.num_tokens.tolist() == [k] * 3
+    torch.testing.assert_close(cached.embeddings, full.per_step[:, k - 1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached.stop_probs, torch.sigmoid(full.stop_logits), rtol=1e-5, atol=1e-5)
+
+
+def _greedy_no_cache(model, fr, prompt, n):
+    ids = model._token_ids([prompt], "p")
+    out = []
+    for _ in range(n):
+        prefixes = model._video_prefixes(fr, ids)
+        suffix = model._embed_ids(out) if out else None
+        h, plens, lens = model._full(prefixes, [suffix] if suffix is not None else None)
+        nxt = int(model.lm_logits(h[0, int(lens[0]) - 1]).argmax())
+        if nxt == model.eos_id:
+            break
+        out.append(nxt)
+    return model.tokenizer.decode(out, skip_special_tokens=True).strip()
+
+
+def test_generation_cache_equals_recomputation_and_is_deterministic(family):
+    model = build(family)
+    fr = frames(3)
+    with torch.no_grad():
+        gen = model.generate(fr, PROMPTS, max_new_tokens=6)
+        again = model.generate(fr, PROMPTS, max_new_tokens=6)
+        ref = [_greedy_no_cache(model, fr[i : i + 1], PROMPTS[i], 6) for i in range(3)]
+    assert gen == again
+    assert gen == ref
+
+
+def test_generation_stops_per_sample_at_eos():
+    """Make <eos> the first token for sample 0 only: it returns empty text, the other continues unaffected."""
+    model = build("llama")
+    fr = frames(2)
+    with torch.no_grad():
+        head = model.base_llm().get_output_embeddings()
+        h, _, lens = model._full(model._video_prefixes(fr, model._token_ids(PROMPTS[:2], "p")), None)
+        a, b = h[0, lens[0] - 1], h[1, lens[1] - 1]
+        head.weight[model.eos_id] = (a / a.norm() - b / b.norm()) * 200  # high for sample 0, low for sample 1
+        out = model.generate(fr, PROMPTS[:2], max_new_tokens=4)
+        alone = model.generate(fr[1:], PROMPTS[1:2], max_new_tokens=4)
+    assert out[0] == ""
+    assert out[1] != "" and out[1] == alone[0]
+
+
+def test_stop_threshold_extremes(family):
+    model = build(family)
+    fr = frames(2)
+    assert model.embed_video(fr, stop_threshold=0.0).num_tokens.tolist() == [1, 1]
+    assert model.embed_video(fr, stop_threshold=0.0, min_embed_tokens=3).num_tokens.tolist() == [3, 3]
+    assert model.embed_video(fr, stop_threshold=1.5).num_tokens.tolist() == [6, 6]
+    assert model.embed_video(fr, stop_threshold=1.5, max_embed_tokens=2).num_tokens.tolist() == [2, 2]
+
+
+@pytest.mark.parametrize("compact_every", [1, 3])
+def test_sample_alone_equals_inside_batch(family, compact_every):
+    model = build(family)
+    model.cfg.compact_every = compact_every
+    fr = frames(4, seed=3)
+    probs = model.embed_video(fr, stop_threshold=1.5).stop_probs  # (4, K) every step's stop probability
+    # choose a threshold under which the samples stop at different steps (first step whose probability exceeds it)
+    def counts(thr):
+        over = probs > thr
+        return torch.where(over.any(1), over.float().argmax(1) + 1, torch.full((4,), probs.shape[1])).tolist()
+
+    thr = max((t - 1e-6 for t in probs.flatten().tolist()), key=lambda t: len(set(counts(t))))
+    assert len(set(counts(thr))) >= 2, "random model should give different stop steps"
+    batch = model.embed_video(fr, stop_threshold=thr)
+    assert batch.num_tokens.tolist() == counts(thr)
+    for i in range(4):
+        alone = model.embed_video(fr[i : i + 1], stop_threshold=thr)
+        assert int(alone.num_tokens[0]) == int(batch.num_tokens[i])
+        torch.testing.assert_close(alone.embeddings[0], batch.embeddings[i], rtol=1e-5, atol=1e-5)
+    # and the adaptive embedding is the fixed-length embedding at the chosen length
+    steps = model.video_embed_steps(fr, model.cfg.embed.max_embed_tokens).per_step
+    picked = steps[torch.arange(4), batch.num_tokens - 1]
+    torch.testing.assert_close(batch.embeddings, picked, rtol=1e-5, atol=1e-5)
+
+
+def test_embeddings_unit_norm_and_text_composed():
+    model = build("llama")
+    fr = frames(2)
+    e = model.embed_video(fr)
+    assert e.embeddings.shape == (2, 24) and e.num_tokens.dtype == torch.long
+    torch.testing.assert_close(e.embeddings.norm(dim=-1), torch.ones(2))
+    t = model.embed_text(["a red circle moves left", "two squares"])
+    torch.testing.assert_close(t.norm(dim=-1), torch.ones(2))
+    c = model.embed_composed(fr, ["make the circle blue", "remove the square"])
+    assert c.embeddings.shape == (2, 24)
+    p = model.match(fr, ["a", "b"])
+    assert p.shape == (2,) and bool(((p > 0) & (p < 1)).all())
+
+
+def test_float_frames_and_any_size():
+    model = build("llama")
+    u8 = frames(1, t=3, h=37, w=91)
+    fl = u8.permute(0, 1, 4, 2, 3).float() / 255.0
+    a = model.embed_video(u8, num_tokens=2).embeddings
+    b = model.embed_video(fl, num_tokens=2).embeddings
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_kvformer_masked_mean_ignores_padding():
+    model = build("llama")
+    torch.manual_seed(0)
+    states = torch.randn(3, 5, model.hidden)
+    n = torch.tensor([2, 5, 1])
+    ref = torch.stack([model.head(states[i : i + 1, : n[i]], n[i : i + 1])[0] for i in range(3)])
+    garbage = states.clone()
+    for i in range(3):
+        garbage[i, n[i] :] = float("nan")
+    out = model.head(garbage, n)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(3))
+
+
+def test_save_load_round_trip_exact(tmp_path, family):
+    model = build(family, lora=True)
+    with torch.no_grad():  # make LoRA matter (its B matrices start at zero)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    model.save_pretrained(str(tmp_path / "m"))
+    loaded = ViLLE.from_pretrained(str(tmp_path / "m")).eval()
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    fr = frames(2)
+    assert model.generate(fr, PROMPTS[:2], max_new_tokens=4) == loaded.generate(fr, PROMPTS[:2], max_new_tokens=4)
+    torch.testing.assert_close(model.embed_video(fr).embeddings, loaded.embed_video(fr).embeddings, rtol=0, atol=0)
+
+
+def test_partial_load_reports_keys(tmp_path):
+    stage2 = build("llama", lora=False)
+    stage2.save_pretrained(str(tmp_path / "s2"))
+    cfg = tiny_cfg("llama", lora=True)
+    cfg.head.dim = 16  # a new head size: its output projection cannot load
+    torch.manual_seed(5)
+    stage3 = ViLLE(cfg)
+    report = stage3.load_weights(str(tmp_path / "s2"))
+    assert report.missing and all("lora_" in k for k in report.missing), report
+    assert any(k.startswith("head.out.weight") for k in report.mismatched), report
+    assert not report.unexpected
+    # the LLM base weights did load through peft's wrapping
+    base = stage2.base_llm().model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(stage3.base_llm().model.layers[0].self_attn.q_proj.base_layer.weight, base)
+    with pytest.raises(ValueError, match="do not match"):
+        stage3.load_weights(str(tmp_path / "s2"), strict=True)
+
+
+def test_lora_trains_only_adapters_and_heads():
+    model = build("llama", lora=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    llm_trainable = [n for n in trainable if n.startswith("llm.")]
+    assert llm_trainable and all("lora_" in n for n in llm_trainable)
+    for prefix in ("projector.", "head.", "match_head.", "emb_query", "logit_scale"):
+        assert any(n.startswith(prefix) for n in trainable), prefix
+
+
+def test_gradients_reach_every_stage():
+    model = build("llama").train()
+    fr = frames(2)
+    steps = model.video_embed_steps(fr, 3)
+    text = model.text_embed_train(["a", "b"])
+    loss = (steps.per_step[:, -1] * text).sum() + steps.stop_logits.sum() + model.lm_loss(fr, ["q", "q"], ["a", "b"])
+    loss = loss + model.match_logits(fr, ["a", "b"]).sum()
+    loss.backward()
+    for name in ("vision.trunk.patch_embed.proj.weight", "vision.temporal_pos", "projector.net.0.weight",
+                 "head.pool", "emb_query", "match_query", "match_head.net.1.weight"):
+        g = dict(model.named_parameters())[name].grad
+        assert g is not None and g.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (lambda: torch.zeros(2, 3, 32, 32, dtype=torch.uint8), "4-d tensor"),
+        (lambda: torch.zeros(1, 9, 32, 32, 3, dtype=torch.uint8), "T=9"),
+        (lambda: torch.zeros(1, 2, 32, 32, 4, dtype=torch.uint8), "uint8 frames must be"),
+        (lambda: torch.zeros(1, 2, 32, 32, 3, dtype=torch.int32), "dtype must be uint8"),
+        (lambda: [1, 2], "torch.Tensor"),
+    ],
+    ids=["rank", "too-many-frames", "channels", "dtype", "not-tensor"],
+)
+def test_bad_frames(bad, match):
+    model = build("llama")
+    with pytest.raises(ValueError, match=match):
+        model.embed_video(bad())
+
+
+def test_bad_prompts_and_names():
+    model = build("llama")
+    with pytest.raises(ValueError, match="empty"):
+        model.generate(frames(1), [])
+    with pytest.raises(ValueError, match="batch size 2 but 1"):
+        model.generate(frames(2), ["a"])
+    with pytest.raises(ValueError, match="list of strings"):
+        model.embed_text("a bare string")
+    cfg = tiny_cfg()
+    cfg.vision.name = "vit_does_not_exist"
+    with pytest.raises(ValueError, match="unknown timm model"):
+        ViLLE(cfg)
+    cfg = tiny_cfg()
+    cfg.llm.config["model_type"] = "not_a_model"
+    with pytest.raises(ValueError, match="unknown LLM model_type"):
+        ViLLE(cfg)
+
+
+def test_attention_requires_state():
+    model = build("llama")
+    with pytest.raises(RuntimeError, match="ville_state"):
+        model.base_llm().get_decoder()(inputs_embeds=torch.randn(1, 3, model.hidden))
+    assert AttnState("full").mode == "full"

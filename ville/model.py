@@ -1,0 +1,404 @@
+"""ViLLE: where the stages meet. frames -> vision tower -> projector -> prefix-LM -> (text | KV-Former embedding).
+
+Sequence layouts (each sample right-padded; positions are 0..len-1, so rotary positions never see padding):
+- video prefix:    [video tokens, <bos>, prompt]                  (generation, embedding, matching)
+- text prefix:     [<bos>, text, text_prompt]                     (text embedding: one readout step)
+- composed prefix: [video tokens, <bos>, edit text, composed_prompt]
+- suffixes:        target tokens + <eos> (LM loss) | K x emb_query (embedding steps) | match_query (matching)
+
+The prefix is attended bidirectionally, the suffix causally (see ville/llm.py). The embedding-step and matching
+inputs are learned vectors (`emb_query`, `match_query`) rather than rows of the LLM's embedding table, so they stay
+trainable when LoRA freezes the LLM. The stop decision of embedding step t is the model choosing between emitting
+EOS and another `<emb>`: stop_logit = logit[<eos>] - logit[<emb>], i.e. the EOS probability renormalised over the
+two tokens that are possible in embedding mode.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .head import HeadCfg, KVFormerHead, MatchHead
+from .llm import AttnState, LLMCfg, apply_lora, build_llm
+from .projector import Projector, ProjectorCfg
+from .tokenizer import EMB_TOKEN, load_tokenizer
+from .vision import VisionCfg, VisionTower
+
+
+@dataclass
+class EmbedCfg:
+    max_embed_tokens: int = 16
+    min_embed_tokens: int = 1
+    stop_threshold: float = 0.5  # stop at the first step t >= min whose stop probability exceeds this
+    video_prompt: str = "Summarize the video in embeddings."
+    text_prompt: str = "Summarize the text in one embedding."
+    composed_prompt: str = "Apply the edit and summarize the video in embeddings."
+    match_prompt: str = "Does the video match the text?"
+    init_temperature: float = 0.05  # contrastive temperature at init (learned as logit_scale = 1 / temperature)
+    max_logit_scale: float = 100.0
+
+
+@dataclass
+class ModelCfg:
+    vision: VisionCfg = field(default_factory=VisionCfg)
+    projector: ProjectorCfg = field(default_factory=ProjectorCfg)
+    llm: LLMCfg = field(default_factory=LLMCfg)
+    head: HeadCfg = field(default_factory=HeadCfg)
+    embed: EmbedCfg = field(default_factory=EmbedCfg)
+    max_text_tokens: int = 256  # longer texts are truncated (prompts, captions, targets)
+    decode_attention: str = "auto"  # "auto": ville_kernels dispatch (Triton on CUDA); "ref": reference path
+    compact_every: int = 1  # drop finished samples every k decode steps (each check syncs with the host)
+
+
+@dataclass
+class EmbedOutput:
+    embeddings: torch.Tensor  # (B, D) L2-normalised
+    num_tokens: torch.Tensor  # (B,) long, embedding tokens generated per sample
+    stop_probs: torch.Tensor  # (B, K) stop probability at each decoded step (NaN after a sample stopped)
+
+
+@dataclass
+class EmbedSteps:
+    """Training-time embedding pass: all K steps in one teacher-forced forward (every step's input is the same
+    learned vector, so the K steps need no sampling)."""
+
+    per_step: torch.Tensor  # (B, K, D): row t = normalised embedding pooled from steps 1..t+1
+    stop_logits: torch.Tensor  # (B, K)
+    states: torch.Tensor  # (B, K, H)
+
+
+def _stop_threshold_logit(threshold: float) -> float:
+    if threshold <= 0:
+        return -math.inf
+    if threshold >= 1:
+        return math.inf
+    return math.log(threshold / (1 - threshold))
+
+
+class _DecodeSession:
+    """Prefill once, then decode one token per active sample per step, dropping finished samples.
+
+    CPU: finished samples are removed by physically compacting the caches (one gather per layer when the active set
+    shrinks). CUDA: caches stay put and the attention kernel reads each active sample's rows through `batch_idx`."""
+
+    def __init__(self, model: "ViLLE", embeds, prefix_lens, lens, max_new: int):
+        self.model = model
+        B = embeds.shape[0]
+        self.state = AttnState("full", prefix_lens=prefix_lens, lens=lens, cache={},
+                               cache_len=embeds.shape[1] + max_new, decode_impl=model.cfg.decode_attention)
+        self.prefix_hidden = model._decoder_forward(embeds, self.state)
+        self.physical = not embeds.is_cuda
+        self.cache_lens = lens.clone()  # (B_cache,) next write position per cache row
+        self.active = torch.arange(B, device=embeds.device)  # original sample index of each active row
+        self.cache_rows = self.active.clone()  # cache row of each active sample
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """x (n, H) input embeddings of the n active samples -> (n, H) last hidden states."""
+        rows = self.cache_rows
+        st = AttnState("decode", rows=rows, pos=self.cache_lens[rows], step_lens=self.cache_lens + 1,
+                       cache=self.state.cache, cache_len=self.state.cache_len, decode_impl=self.state.decode_impl)
+        h = self.model._decoder_forward(x[:, None], st, position_ids=self.cache_lens[rows][:, None])[:, 0]
+        self.cache_lens[rows] += 1
+        return h
+
+    def keep(self, keep: torch.Tensor) -> None:
+        """Keep only the active samples where `keep` (n,) is True."""
+        self.active = self.active[keep]
+        rows = self.cache_rows[keep]
+        if self.physical:
+            for layer, (k, v) in self.state.cache.items():
+                self.state.cache[layer] = (k[rows], v[rows])
+            self.cache_lens = self.cache_lens[rows]
+            rows = torch.arange(rows.numel(), device=rows.device)
+        self.cache_rows = rows
+
+
+class ViLLE(nn.Module):
+    def __init__(self, cfg: ModelCfg, tokenizer=None, _saved_llm_config: str | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.llm.tokenizer)
+        self.vision = VisionTower(cfg.vision)
+        llm = build_llm(cfg.llm, len(self.tokenizer), _saved_llm_config)
+        self.hidden = int(llm.config.hidden_size)
+        self.projector = Projector(cfg.projector, self.vision.width, self.hidden)
+        self.head = KVFormerHead(cfg.head, self.hidden)
+        self.match_head = MatchHead(self.hidden)
+        init = llm.get_input_embeddings().weight.detach()
+        self.emb_query = nn.Parameter(init[self.tokenizer.convert_tokens_to_ids(EMB_TOKEN)].clone().float())
+        self.match_query = nn.Parameter(init.float().mean(0) + 0.02 * torch.randn(self.hidden))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.embed.init_temperature)))
+        self.llm = apply_lora(llm, cfg.llm.lora) if cfg.llm.lora.enabled else llm
+        ids = self.tokenizer
+        self.bos_id = ids.bos_token_id if ids.bos_token_id is not None else ids.eos_token_id
+        self.eos_id = ids.eos_token_id
+        self.pad_id = ids.pad_token_id
+        self.emb_id = ids.convert_tokens_to_ids(EMB_TOKEN)
+        self._llm_dtype = llm.get_input_embeddings().weight.dtype
+
+    # ------------------------------------------------------------------------------------------- construction
+    @classmethod
+    def from_recipe(cls, path: str, overrides: list[str] | None = None) -> "ViLLE":
+        from .config import load_section
+
+        return cls(load_section(path, "model", ModelCfg, overrides))
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    def base_llm(self) -> nn.Module:
+        return self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+
+    # ------------------------------------------------------------------------------------------ building blocks
+    def _token_ids(self, texts, what: str) -> list[list[int]]:
+        if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
+            raise ValueError(f"{what}: expected a list of strings, got {type(texts).__name__}")
+        if len(texts) == 0:
+            raise ValueError(f"{what}: empty list")
+        out = []
+        for t in texts:
+            if isinstance(t, str):
+                out.append(self.tokenizer(t, add_special_tokens=False).input_ids[: self.cfg.max_text_tokens])
+            elif isinstance(t, (list, tuple)):
+                out.append(list(t)[: self.cfg.max_text_tokens])
+            else:
+                raise ValueError(f"{what}: items must be str or token-id lists, got {type(t).__name__}")
+        return out
+
+    def _embed_ids(self, ids: list[int]) -> torch.Tensor:
+        table = self.llm.get_input_embeddings()
+        return table(torch.tensor(ids, dtype=torch.long, device=self.device)).to(self._llm_dtype)
+
+    def video_tokens(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) frames -> (B, T*N, H) LLM-width video tokens."""
+        self.vision.validate(frames)
+        return self.projector(self.vision(frames.to(self.device))).to(self._llm_dtype)
+
+    def _pack(self, prefixes: list[list[torch.Tensor]], suffixes: list[torch.Tensor] | None = None):
+        """Concatenate each sample's prefix parts (+ suffix), right-pad. -> embeds (B, L, H), prefix_lens, lens."""
+        seqs, plens = [], []
+        for i, parts in enumerate(prefixes):
+            pre = torch.cat(parts, 0)
+            plens.append(pre.shape[0])
+            seqs.append(pre if suffixes is None else torch.cat([pre, suffixes[i].to(pre.dtype)], 0))
+        lens = torch.tensor([s.shape[0] for s in seqs], device=self.device)
+        embeds = nn.utils.rnn.pad_sequence(seqs, batch_first=True)
+        return embeds, torch.tensor(plens, device=self.device), lens
+
+    def _video_prefixes(self, frames, prompt_ids: list[list[int]]) -> list[list[torch.Tensor]]:
+        video = self.video_tokens(frames)
+        if video.shape[0] != len(prompt_ids):
+            raise ValueError(f"frames has batch size {video.shape[0]} but {len(prompt_ids)} prompts/texts were given")
+        return [[video[i], self._embed_ids([self.bos_id] + p)] for i, p in enumerate(prompt_ids)]
+
+    def _decoder_forward(self, embeds, state: AttnState, position_ids=None) -> torch.Tensor:
+        if position_ids is None:
+            position_ids = torch.arange(embeds.shape[1], device=embeds.device)[None].expand(embeds.shape[0], -1)
+        decoder = self.base_llm().get_decoder()
+        return decoder(inputs_embeds=embeds, position_ids=position_ids, ville_state=state).last_hidden_state
+
+    def _final_softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        cap = getattr(self.base_llm().config, "final_logit_softcapping", None)
+        return cap * torch.tanh(logits / cap) if cap else logits
+
+    def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self._final_softcap(self.base_llm().get_output_embeddings()(h)).float()
+
+    def stop_logit(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> (...) logit[<eos>] - logit[<emb>] (only those two rows of the LM head are computed)."""
+        head = self.base_llm().get_output_embeddings()
+        rows = torch.tensor([self.eos_id, self.emb_id], device=h.device)
+        w = head.weight[rows]
+        logits = F.linear(h.to(w.dtype), w, None if head.bias is None else head.bias[rows])
+        logits = self._final_softcap(logits).float()
+        return logits[..., 0] - logits[..., 1]
+
+    def _full(self, prefixes, suffixes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        embeds, plens, lens = self._pack(prefixes, suffixes)
+        h = self._decoder_forward(embeds, AttnState("full", prefix_lens=plens, lens=lens))
+        return h, plens, lens
+
+    def _suffix_states(self, prefixes, query: torch.Tensor, k: int) -> torch.Tensor:
+        """Teacher-forced pass with k copies of `query` as suffix -> (B, k, H) suffix hidden states."""
+        suffix = query.to(self._llm_dtype)[None].expand(k, -1)
+        h, plens, _ = self._full(prefixes, [suffix] * len(prefixes))
+        idx = plens[:, None] + torch.arange(k, device=h.device)[None]
+        return h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))
+
+    # --------------------------------------------------------------------------------------- training passes
+    def video_embed_steps(self, frames, k: int | None = None, prompts: list[str] | None = None) -> EmbedSteps:
+        """All k embedding steps in one forward (with gradients). prompts=None uses embed.video_prompt."""
+        k = k or self.cfg.embed.max_embed_tokens
+        B = self.vision.validate(frames)
+        prompt_ids = self._token_ids(prompts or [self.cfg.embed.video_prompt] * B, "prompts")
+        states = self._suffix_states(self._video_prefixes(frames, prompt_ids), self.emb_query, k)
+        return EmbedSteps(self.head.per_step(states), self.stop_logit(states), states)
+
+    def composed_embed_steps(self, frames, edits, k: int | None = None) -> EmbedSteps:
+        edit_ids = self._token_ids(edits, "edits")
+        prompt = self._token_ids([self.cfg.embed.composed_prompt], "composed_prompt")[0]
+        return self.video_embed_steps(frames, k, prompts=[e + prompt for e in edit_ids])
+
+    def lm_loss(self, frames, prompts, targets) -> torch.Tensor:
+        """Next-token loss on the targets (+ <eos>) given video + prompt; mean over target tokens."""
+        prompt_ids = self._token_ids(prompts, "prompts")
+        target_ids = [t + [self.eos_id] for t in self._token_ids(targets, "targets")]
+        if len(target_ids) != len(prompt_ids):
+            raise ValueError(f"{len(prompt_ids)} prompts but {len(target_ids)} targets")
+        prefixes = self._video_prefixes(frames, prompt_ids)
+        h, plens, lens = self._full(prefixes, [self._embed_ids(t) for t in target_ids])
+        # Position plens-1+j predicts target token j.
+        tlen = max(len(t) for t in target_ids)
+        pos = (plens[:, None] - 1 + torch.arange(tlen, device=h.device)[None]).clamp_max(h.shape[1] - 1)
+        logits = self.lm_logits(h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1])))
+        labels = torch.full((len(target_ids), tlen), -100, dtype=torch.long, device=h.device)
+        for i, t in enumerate(target_ids):
+            labels[i, : len(t)] = torch.tensor(t, device=h.device)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+    def text_embed_train(self, texts) -> torch.Tensor:
+        ids = self._token_ids(texts, "texts")
+        prompt = self._token_ids([self.cfg.embed.text_prompt], "text_prompt")[0]
+        prefixes = [[self._embed_ids([self.bos_id] + t + prompt)] for t in ids]
+        states = self._suffix_states(prefixes, self.emb_query, 1)
+        return self.head(states, torch.ones(len(ids), dtype=torch.long, device=self.device))
+
+    def match_logits(self, frames, texts) -> torch.Tensor:
+        ids = self._token_ids(texts, "texts")
+        prompt = self._token_ids([self.cfg.embed.match_prompt], "match_prompt")[0]
+        states = self._suffix_states(self._video_prefixes(frames, [t + prompt for t in ids]), self.match_query, 1)
+        return self.match_head(states[:, 0])
+
+    # -------------------------------------------------------------------------------------------- inference
+    @torch.no_grad()
+    def _adaptive_embed(self, prefixes, stop_threshold, max_embed_tokens, min_embed_tokens) -> EmbedOutput:
+        e = self.cfg.embed
+        K = max_embed_tokens if max_embed_tokens is not None else e.max_embed_tokens
+        kmin = min_embed_tokens if min_embed_tokens is not None else e.min_embed_tokens
+        thr = _stop_threshold_logit(stop_threshold if stop_threshold is not None else e.stop_threshold)
+        if not 1 <= kmin <= K:
+            raise ValueError(f"need 1 <= min_embed_tokens <= max_embed_tokens, got {kmin} and {K}")
+        embeds, plens, lens = self._pack(prefixes)
+        B = embeds.shape[0]
+        sess = _DecodeSession(self, embeds, plens, lens, K)
+        states = embeds.new_zeros(B, K, self.hidden)
+        stop_probs = torch.full((B, K), float("nan"), device=self.device)
+        num = torch.full((B,), K, dtype=torch.long, device=self.device)
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        query = self.emb_query.to(self._llm_dtype)
+        every = max(1, self.cfg.compact_every)
+        for t in range(K):
+            act = sess.active
+            h = sess.step(query[None].expand(act.numel(), -1))
+            s = self.stop_logit(h)
+            live = ~done[act]  # rows kept alive only until the next compaction do not record anything
+            states[act[live], t] = h[live]
+            stop_probs[act[live], t] = torch.sigmoid(s[live])
+            stopping = live & (s > thr) if t + 1 >= kmin else torch.zeros_like(live)
+            num[act[stopping]] = t + 1
+            done[act[stopping]] = True
+            if t + 1 == K:
+                break
+            if (t + 1) % every == 0:
+                keep = ~done[act]
+                if not bool(keep.all()):
+                    if not bool(keep.any()):
+                        break
+                    sess.keep(keep)
+        return EmbedOutput(self.head(states, num), num, stop_probs)
+
+    def embed_video(self, frames, stop_threshold=None, max_embed_tokens=None, min_embed_tokens=None,
+                    num_tokens: int | None = None) -> EmbedOutput:
+        """Adaptive-length video embedding. `num_tokens=k` is the fixed-length mode (exactly k tokens)."""
+        if num_tokens is not None:
+            stop_threshold, max_embed_tokens, min_embed_tokens = 2.0, num_tokens, num_tokens
+        prompt_ids = self._token_ids([self.cfg.embed.video_prompt] * self.vision.validate(frames), "video_prompt")
+        return self._adaptive_embed(self._video_prefixes(frames, prompt_ids), stop_threshold, max_embed_tokens,
+                                    min_embed_tokens)
+
+    def embed_composed(self, frames, edits, stop_threshold=None, max_embed_tokens=None, min_embed_tokens=None,
+                       num_tokens: int | None = None) -> EmbedOutput:
+        """Composed query: video + edit text as the prefix, then the normal adaptive decode."""
+        if num_tokens is not None:
+            stop_threshold, max_embed_tokens, min_embed_tokens = 2.0, num_tokens, num_tokens
+        edit_ids = self._token_ids(edits, "edits")
+        prompt = self._token_ids([self.cfg.embed.composed_prompt], "composed_prompt")[0]
+        prefixes = self._video_prefixes(frames, [e + prompt for e in edit_ids])
+        return self._adaptive_embed(prefixes, stop_threshold, max_embed_tokens, min_embed_tokens)
+
+    @torch.no_grad()
+    def embed_text(self, texts) -> torch.Tensor:
+        """One-step readout: (B, D) L2-normalised."""
+        return self.text_embed_train(texts)
+
+    @torch.no_grad()
+    def match(self, frames, texts) -> torch.Tensor:
+        """(B,) probability that video i matches text i."""
+        return torch.sigmoid(self.match_logits(frames, texts).float())
+
+    @torch.no_grad()
+    def generate(self, frames, prompts, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> list[str]:
+        """KV-cached decoding, greedy by default; each sample stops at its own <eos> and then does no work."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        prompt_ids = self._token_ids(prompts, "prompts")
+        embeds, plens, lens = self._pack(self._video_prefixes(frames, prompt_ids))
+        B = embeds.shape[0]
+        sess = _DecodeSession(self, embeds, plens, lens, max_new_tokens)
+        h = sess.prefix_hidden.gather(1, (lens - 1)[:, None, None].expand(-1, 1, self.hidden))[:, 0]
+        out: list[list[int]] = [[] for _ in range(B)]
+        for step in range(max_new_tokens):
+            logits = self.lm_logits(h)
+            if do_sample:
+                logits = logits / max(temperature, 1e-5)
+                if top_k:
+                    kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[..., -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+            else:
+                nxt = logits.argmax(-1)
+            act = sess.active.tolist()
+            for i, tok in zip(act, nxt.tolist()):
+                out[i].append(tok)
+            keep = nxt != self.eos_id
+            if step + 1 == max_new_tokens or not bool(keep.any()):
+                break
+            if not bool(keep.all()):
+                sess.keep(keep)
+                nxt = nxt[keep]
+            h = sess.step(self._embed_ids(nxt.tolist()))
+        return [self.tokenizer.decode([t for t in o if t != self.eos_id], skip_special_tokens=True).strip()
+                for o in out]
+
+    # ----------------------------------------------------------------------------------------- save / load
+    def save_pretrained(self, path: str) -> None:
+        from .checkpoint import save_model
+
+        save_model(self, path)
+
+    @classmethod
+    def from_pretrained(cls, path: str, map_location: str = "cpu") -> "ViLLE":
+        from .checkpoint import load_model
+
+        return load_model(cls, path, map_location)
+
+    def load_weights(self, path: str, strict: bool = False):
+        """Partial loading (stage N+1 from stage N's final model). Returns a LoadReport."""
+        from .checkpoint import load_weights
+
+        return load_weights(self, path, strict=strict)
+
+
+def model_summary(model: ViLLE) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"parameters": total, "trainable": trainable, "hidden": model.hidden,
+            "video_tokens_per_frame": model.vision.tokens_per_frame, "vocab": len(model.tokenizer)}
+
+
+__all__ = ["ViLLE", "ModelCfg", "EmbedCfg", "EmbedOutput", "EmbedSteps", "model_summary"]
