@@ -23,7 +23,9 @@ demo: venv
 
 bench: venv
 	$(PY) bench/bench_infonce.py
+	$(PY) bench/bench_decode_attention.py
 	$(PY) bench/bench_decode.py
+	$(PY) bench/bench_data.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -32,8 +32,9 @@ setup(
     version="0.1.0",
     description="ViLL-E-style video LLM: text generation and adaptive-length video embeddings",
     python_requires=">=3.10",
-    packages=["ville", "ville_kernels", "data_tools"],
+    packages=["ville", "ville_kernels", "data_tools", "data_tools.converters"],
     package_dir={"ville": "ville", "ville_kernels": "kernels", "data_tools": "data_tools"},
+    package_data={"data_tools": ["SCHEMA.md"]},
     install_requires=install_requires,
     extras_require={
         "dev": ["pytest>=7", "pytest-timeout>=2"],

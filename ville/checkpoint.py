@@ -113,3 +113,73 @@ def model_identity(path: str) -> str:
     return h.hexdigest()[:16]
 
 
+
+
+# ------------------------------------------------------------------------------------------------ training state
+STATE_PREFIX = "step-"
+
+
+def _state_path(out_dir: str, step: int) -> str:
+    return os.path.join(out_dir, "checkpoints", f"{STATE_PREFIX}{step:08d}.pt")
+
+
+def rng_state() -> dict:
+    import random
+
+    import numpy as np
+    import torch
+
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_train_state(out_dir: str, step: int, state: dict, keep_last: int) -> str:
+    """Atomic: written to `*.tmp`, flushed to disk, then renamed. A kill at any moment leaves either the previous
+    complete checkpoints or the new one, never a partial file under a checkpoint's name."""
+    import torch
+
+    path = _state_path(out_dir, step)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    for old in list_train_states(out_dir)[:-keep_last] if keep_last > 0 else []:
+        os.remove(old)
+    return path
+
+
+def list_train_states(out_dir: str) -> list[str]:
+    folder = os.path.join(out_dir, "checkpoints")
+    if not os.path.isdir(folder):
+        return []
+    names = sorted(n for n in os.listdir(folder) if n.startswith(STATE_PREFIX) and n.endswith(".pt"))
+    return [os.path.join(folder, n) for n in names]
+
+
+def latest_train_state(out_dir: str) -> str | None:
+    """The newest complete checkpoint; stale `*.tmp` files from a killed save are removed."""
+    folder = os.path.join(out_dir, "checkpoints")
+    if os.path.isdir(folder):
+        for n in os.listdir(folder):
+            if n.endswith(".tmp"):
+                os.remove(os.path.join(folder, n))
+    states = list_train_states(out_dir)
+    return states[-1] if states else None

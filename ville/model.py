@@ -189,8 +189,8 @@ class ViLLE(nn.Module):
         embeds = nn.utils.rnn.pad_sequence(seqs, batch_first=True)
         return embeds, torch.tensor(plens, device=self.device), lens
 
-    def _video_prefixes(self, frames, prompt_ids: list[list[int]]) -> list[list[torch.Tensor]]:
-        video = self.video_tokens(frames)
+    def _video_prefixes(self, frames, prompt_ids: list[list[int]], video=None) -> list[list[torch.Tensor]]:
+        video = self.video_tokens(frames) if video is None else video
         if video.shape[0] != len(prompt_ids):
             raise ValueError(f"frames has batch size {video.shape[0]} but {len(prompt_ids)} prompts/texts were given")
         return [[video[i], self._embed_ids([self.bos_id] + p)] for i, p in enumerate(prompt_ids)]
@@ -230,12 +230,14 @@ class ViLLE(nn.Module):
         return h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))
 
     # --------------------------------------------------------------------------------------- training passes
-    def video_embed_steps(self, frames, k: int | None = None, prompts: list[str] | None = None) -> EmbedSteps:
-        """All k embedding steps in one forward (with gradients). prompts=None uses embed.video_prompt."""
+    def video_embed_steps(self, frames, k: int | None = None, prompts: list[str] | None = None,
+                          video: torch.Tensor | None = None) -> EmbedSteps:
+        """All k embedding steps in one forward (with gradients). prompts=None uses embed.video_prompt; `video`
+        passes precomputed `video_tokens(frames)` (shared with the LM pass of the same batch)."""
         k = k or self.cfg.embed.max_embed_tokens
         B = self.vision.validate(frames)
         prompt_ids = self._token_ids(prompts or [self.cfg.embed.video_prompt] * B, "prompts")
-        states = self._suffix_states(self._video_prefixes(frames, prompt_ids), self.emb_query, k)
+        states = self._suffix_states(self._video_prefixes(frames, prompt_ids, video), self.emb_query, k)
         return EmbedSteps(self.head.per_step(states), self.stop_logit(states), states)
 
     def composed_embed_steps(self, frames, edits, k: int | None = None) -> EmbedSteps:
@@ -243,13 +245,13 @@ class ViLLE(nn.Module):
         prompt = self._token_ids([self.cfg.embed.composed_prompt], "composed_prompt")[0]
         return self.video_embed_steps(frames, k, prompts=[e + prompt for e in edit_ids])
 
-    def lm_loss(self, frames, prompts, targets) -> torch.Tensor:
-        """Next-token loss on the targets (+ <eos>) given video + prompt; mean over target tokens."""
+    def lm_loss(self, frames, prompts, targets, video: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token loss on the targets (+ <eos>) given video + prompt."""
         prompt_ids = self._token_ids(prompts, "prompts")
         target_ids = [t + [self.eos_id] for t in self._token_ids(targets, "targets")]
         if len(target_ids) != len(prompt_ids):
             raise ValueError(f"{len(prompt_ids)} prompts but {len(target_ids)} targets")
-        prefixes = self._video_prefixes(frames, prompt_ids)
+        prefixes = self._video_prefixes(frames, prompt_ids, video)
         h, plens, lens = self._full(prefixes, [self._embed_ids(t) for t in target_ids])
         # Position plens-1+j predicts target token j.
         tlen = max(len(t) for t in target_ids)
@@ -258,7 +260,10 @@ class ViLLE(nn.Module):
         labels = torch.full((len(target_ids), tlen), -100, dtype=torch.long, device=h.device)
         for i, t in enumerate(target_ids):
             labels[i, : len(t)] = torch.tensor(t, device=h.device)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        # Mean over samples of each sample's mean token loss: every target counts once whatever its length, and the
+        # mean over ranks of this loss is the loss of the global batch (a token mean would not be).
+        tok = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        return (tok.sum(1) / (labels != -100).sum(1)).mean()
 
     def text_embed_train(self, texts) -> torch.Tensor:
         ids = self._token_ids(texts, "texts")
@@ -272,6 +277,12 @@ class ViLLE(nn.Module):
         prompt = self._token_ids([self.cfg.embed.match_prompt], "match_prompt")[0]
         states = self._suffix_states(self._video_prefixes(frames, [t + prompt for t in ids]), self.match_query, 1)
         return self.match_head(states[:, 0])
+
+    def forward(self, batches: dict, loss_cfg) -> tuple[torch.Tensor, dict]:
+        """Training step: the weighted multi-task loss of one batch per task (one forward, so DDP sees one)."""
+        from .losses import multitask_loss
+
+        return multitask_loss(self, batches, loss_cfg)
 
     # -------------------------------------------------------------------------------------------- inference
     @torch.no_grad()

@@ -1,0 +1,549 @@
+"""Fused contrastive similarity + InfoNCE: loss and gradients without ever writing the N x M logits.
+
+Shape letters (kernels, launchers, CPU path):
+    N        rows: queries q (N, D)                  M        columns: candidates p (M, D), M >= N with hard negatives
+    D        features (<= 4096, any value)           s        logit_scale, the multiplier (already exponentiated)
+    BLOCK_N x BLOCK_M   one logit tile               BLOCK_D  features per tl.dot step (the D loop)
+    TILES_N x TILES_M   tiles per forward program (a "super-tile"); SN x SM super-tiles cover the logits
+
+Reading order: Triton kernels, launchers (grids, block sizes, contiguity), the chunked CPU path,
+`InfoNCEFunction`, the public `fused_infonce`. The specification is `infonce_ref` (kernels/infonce_ref.py).
+
+Organisation (why it looks like this):
+- The positive pair of each row is handled in closed form. The tiles only compute log-sum-exps over the *negatives*
+  (lse_neg), the positive logit x_pos comes from an O(N * D) gather, and with z = lse_neg - x_pos a row's loss is
+  softplus(z). That stays accurate when the positive dominates, where lse - x_pos would subtract two numbers of
+  size s (~100) to get a loss of ~1e-6. The column direction is the same with column j's positive row.
+- Forward, one pass over the similarity for both directions. Program (sn, sm) owns a super-tile of TILES_N x TILES_M
+  tiles. For each of its row blocks it sweeps its column tiles keeping the row (max, sum) online in registers, and
+  writes one partial (max, sum) per row per super-column (ROW_MAX / ROW_SUM, N x SM). Column statistics of each tile
+  are merged online into a per-super-row scratch (COL_MAX / COL_SUM, SN x M) that only this program touches, so no
+  atomics are needed and the result is deterministic. The host merges the SM row partials and the SN column
+  partials. Scratch is O((N + M) * sqrt(N * M / programs)), a few MB to ~100 MB at N = M = 256k, instead of the
+  N * M / BLOCK_N that "one partial per row block" would cost. Atomics would avoid the scratch but a (max, sum) pair
+  cannot be merged by one atomic, and a locked merge serialises the column tiles.
+- Saved for backward: x_pos, z_row, z_col (O(N)); the full LSEs are x_pos + softplus(z).
+- Backward, one pass with atomics: program (row block, column block) recomputes its tile, forms
+  G = g * (w_row * softmax_row + w_col * softmax_col) on the negative pairs in fp32, then for each BLOCK_D slice adds
+  G @ p into dq and G^T @ q into dp with fp32 atomics; it also sums each row's and column's negative softmax mass.
+  The alternative (a dq pass over row blocks plus a dp pass over column blocks, no atomics) recomputes the
+  similarity twice, 4 matmul passes instead of 3; and a register accumulator for a BLOCK_N x D slab does not fit
+  once D is in the thousands. The positive pair's entry of G is minus that mass (softmax - 1 = -sum of the others):
+  the host adds it in fp32, outside the low-precision tile G, and because it is summed from the very probabilities
+  the negatives used, every row and column of G sums to zero as it should.
+Block sizes below are educated defaults, not tuned on hardware yet.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .dispatch import use_triton
+from .infonce_ref import MAX_D, check_infonce_inputs, infonce_ref
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # triton is Linux-only; the chunked torch path and the reference work without it
+    triton = None
+
+__all__ = ["fused_infonce", "infonce_ref", "InfoNCEFunction", "MAX_D"]
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+# Masked logits are a finite "minus infinity": with -inf, a tile column that is entirely masked would give
+# exp2(-inf - -inf) = NaN in the online update. With -1e30 it gives 1 per masked entry, which the first real
+# logit of that row/column wipes out (its rescale factor exp2(-1e30 - x) is 0), and a row or column that never
+# sees a real logit is never read (rows always hold their positive; unused columns are excluded on the host).
+_NEG = -1.0e30
+
+if triton is not None:
+
+    @triton.jit
+    def _infonce_logit_tile(Q, P, rows, cols, row_in, col_in, D, stride_qn, stride_qd, stride_pm, stride_pd,
+                            BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                            DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+        """Unscaled similarity q[rows] . p[cols]^T of one tile, fp32 (BLOCK_N, BLOCK_M), accumulated over D."""
+        offs_d = tl.arange(0, BLOCK_D)
+        q_ptrs = Q + rows.to(tl.int64)[:, None] * stride_qn + offs_d[None, :] * stride_qd
+        # p is read as (BLOCK_D, BLOCK_M) so the dot needs no transpose of a register tile.
+        p_ptrs = P + cols.to(tl.int64)[None, :] * stride_pm + offs_d[:, None] * stride_pd
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for k in range(0, D, BLOCK_D):
+            d_in = (k + offs_d) < D
+            a = tl.load(q_ptrs, mask=row_in[:, None] & d_in[None, :], other=0.0)
+            b = tl.load(p_ptrs, mask=d_in[:, None] & col_in[None, :], other=0.0)
+            if INTERPRET_BF16:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            q_ptrs += BLOCK_D * stride_qd
+            p_ptrs += BLOCK_D * stride_pd
+        return acc
+
+    @triton.jit
+    def _infonce_pairs(rows, cols, row_in, col_in, LABELS, ROW_GROUPS, COL_GROUPS, HAS_GROUPS: tl.constexpr):
+        """(positive, negative) masks of a tile. Negatives: in range, not the positive, not removed by groups
+        (same group and not the positive)."""
+        labels = tl.load(LABELS + rows, mask=row_in, other=-1)
+        positive = labels[:, None] == cols[None, :]
+        negative = row_in[:, None] & col_in[None, :] & ~positive
+        if HAS_GROUPS:
+            row_groups = tl.load(ROW_GROUPS + rows, mask=row_in, other=0)
+            col_groups = tl.load(COL_GROUPS + cols, mask=col_in, other=0)
+            negative = negative & (row_groups[:, None] != col_groups[None, :])
+        return positive, negative
+
+    @triton.jit
+    def _infonce_fwd_kernel(
+        Q, P, SCALE, LABELS, ROW_GROUPS, COL_GROUPS, ROW_MAX, ROW_SUM, COL_MAX, COL_SUM,
+        N, M, D, stride_qn, stride_qd, stride_pm, stride_pd,
+        TILES_N, TILES_M, SUPERS_M,
+        HAS_GROUPS: tl.constexpr, SYMMETRIC: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+    ):
+        """Program (sn, sm): online (max, sum) over the *negatives* of each row of its super-tile, written to
+        ROW_*[:, sm] (N x SM), and of each column, merged into COL_*[sn, :] (SN x M, initialised by the host).
+
+        Logits are handled in log2 units (x * s * log2(e)) so the exponentials are the native exp2."""
+        pid = tl.program_id(0)
+        sn = pid // SUPERS_M
+        sm = pid % SUPERS_M
+        scale2 = tl.load(SCALE).to(tl.float32) * 1.4426950408889634
+        rb_lo = sn * TILES_N
+        rb_hi = tl.minimum(rb_lo + TILES_N, tl.cdiv(N, BLOCK_N))
+        cb_lo = sm * TILES_M
+        cb_hi = tl.minimum(cb_lo + TILES_M, tl.cdiv(M, BLOCK_M))
+        for rb in range(rb_lo, rb_hi):
+            rows = rb * BLOCK_N + tl.arange(0, BLOCK_N)
+            row_in = rows < N
+            m_row = tl.full([BLOCK_N], -1.0e30, dtype=tl.float32)
+            l_row = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for cb in range(cb_lo, cb_hi):
+                cols = cb * BLOCK_M + tl.arange(0, BLOCK_M)
+                col_in = cols < M
+                x = _infonce_logit_tile(Q, P, rows, cols, row_in, col_in, D, stride_qn, stride_qd, stride_pm,
+                                        stride_pd, BLOCK_N, BLOCK_M, BLOCK_D, DOT_PRECISION, INTERPRET_BF16)
+                positive, negative = _infonce_pairs(rows, cols, row_in, col_in, LABELS, ROW_GROUPS, COL_GROUPS,
+                                                    HAS_GROUPS)
+                x = tl.where(negative, x * scale2, -1.0e30)
+
+                m_new = tl.maximum(m_row, tl.max(x, 1))
+                l_row = l_row * tl.exp2(m_row - m_new) + tl.sum(tl.exp2(x - m_new[:, None]), 1)
+                m_row = m_new
+
+                if SYMMETRIC:
+                    m_tile = tl.max(x, 0)
+                    l_tile = tl.sum(tl.exp2(x - m_tile[None, :]), 0)
+                    c_offs = sn.to(tl.int64) * M + cols
+                    m_old = tl.load(COL_MAX + c_offs, mask=col_in, other=-1.0e30)
+                    l_old = tl.load(COL_SUM + c_offs, mask=col_in, other=0.0)
+                    m_col = tl.maximum(m_old, m_tile)
+                    l_col = l_old * tl.exp2(m_old - m_col) + l_tile * tl.exp2(m_tile - m_col)
+                    tl.store(COL_MAX + c_offs, m_col, mask=col_in)
+                    tl.store(COL_SUM + c_offs, l_col, mask=col_in)
+                    # The next row block reads these columns back, possibly from other threads of this program:
+                    # the barrier orders the global stores before those loads.
+                    tl.debug_barrier()
+            r_offs = rows.to(tl.int64) * SUPERS_M + sm
+            tl.store(ROW_MAX + r_offs, m_row, mask=row_in)
+            tl.store(ROW_SUM + r_offs, l_row, mask=row_in)
+
+    @triton.jit
+    def _infonce_bwd_kernel(
+        Q, P, SCALE, GRAD, LABELS, ROW_GROUPS, COL_GROUPS, LSE_ROW, LSE_COL, DQ, DP, DSCALE_PART, NEG_ROW, NEG_COL,
+        N, M, D, stride_qn, stride_qd, stride_pm, stride_pd,
+        w_row, w_col,
+        HAS_GROUPS: tl.constexpr, SYMMETRIC: tl.constexpr, GROUP_N: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+    ):
+        """Program (row block, column block): recompute the tile and form G = dloss/dlogits on the *negative* pairs,
+        g * (w_row * softmax_row + w_col * softmax_col); atomically add s*G @ p into DQ and s*G^T @ q into DP (fp32,
+        (N, D) and (M, D)); write sum(G * q.p) to DSCALE_PART[pid]; atomically add the softmax mass of the negatives
+        to NEG_ROW (N,) and NEG_COL (M,). The host adds the positive pairs, whose entry of G is minus that mass.
+
+        LSE_ROW / LSE_COL: full log-sum-exps in log2 units, LSE_COL = +inf for columns that are no row's label."""
+        pid = tl.program_id(0)
+        # Grouped order: GROUP_N row blocks sweep the columns together, so a p tile is reused from L2.
+        blocks_n = tl.cdiv(N, BLOCK_N)
+        blocks_m = tl.cdiv(M, BLOCK_M)
+        width = GROUP_N * blocks_m
+        first_rb = (pid // width) * GROUP_N
+        group_size = tl.minimum(blocks_n - first_rb, GROUP_N)
+        rb = first_rb + (pid % width) % group_size
+        cb = (pid % width) // group_size
+
+        rows = rb * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = cb * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_in = rows < N
+        col_in = cols < M
+        scale = tl.load(SCALE).to(tl.float32)
+        g = tl.load(GRAD).to(tl.float32)
+
+        raw = _infonce_logit_tile(Q, P, rows, cols, row_in, col_in, D, stride_qn, stride_qd, stride_pm, stride_pd,
+                                  BLOCK_N, BLOCK_M, BLOCK_D, DOT_PRECISION, INTERPRET_BF16)
+        positive, negative = _infonce_pairs(rows, cols, row_in, col_in, LABELS, ROW_GROUPS, COL_GROUPS, HAS_GROUPS)
+        # Positives and removed pairs sit at -1e30, so their exponentials below are exactly 0.
+        x = tl.where(negative, raw * (scale * 1.4426950408889634), -1.0e30)
+        lse_row = tl.load(LSE_ROW + rows, mask=row_in, other=0.0)
+        soft_row = tl.exp2(x - lse_row[:, None])
+        tl.atomic_add(NEG_ROW + rows, tl.sum(soft_row, 1), mask=row_in, sem="relaxed")
+        grad = w_row * soft_row
+        if SYMMETRIC:
+            lse_col = tl.load(LSE_COL + cols, mask=col_in, other=float("inf"))
+            soft_col = tl.exp2(x - lse_col[None, :])
+            tl.atomic_add(NEG_COL + cols, tl.sum(soft_col, 0), mask=col_in, sem="relaxed")
+            grad += w_col * soft_col
+        grad = grad * g
+        tl.store(DSCALE_PART + pid, tl.sum(tl.sum(grad * raw, 1), 0))
+
+        grad = grad * scale
+        if INTERPRET_BF16:
+            # The interpreter's fp32 -> bf16 cast truncates; round to nearest even by hand so G carries the same
+            # rounding as on the GPU, then keep fp32 (bf16 x bf16 products are exact in fp32).
+            bits = grad.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            grad_lo = bits.to(tl.float32, bitcast=True)
+        else:
+            grad_lo = grad.to(Q.dtype.element_ty)
+        grad_lo_t = tl.trans(grad_lo)
+
+        offs_d = tl.arange(0, BLOCK_D)
+        q_ptrs = Q + rows.to(tl.int64)[:, None] * stride_qn + offs_d[None, :] * stride_qd
+        p_ptrs = P + cols.to(tl.int64)[:, None] * stride_pm + offs_d[None, :] * stride_pd
+        dq_ptrs = DQ + rows.to(tl.int64)[:, None] * D + offs_d[None, :]
+        dp_ptrs = DP + cols.to(tl.int64)[:, None] * D + offs_d[None, :]
+        for k in range(0, D, BLOCK_D):
+            d_in = (k + offs_d) < D
+            q_c = tl.load(q_ptrs, mask=row_in[:, None] & d_in[None, :], other=0.0)
+            p_c = tl.load(p_ptrs, mask=col_in[:, None] & d_in[None, :], other=0.0)
+            if INTERPRET_BF16:
+                q_c = q_c.to(tl.float32)
+                p_c = p_c.to(tl.float32)
+            dq_c = tl.dot(grad_lo, p_c, input_precision=DOT_PRECISION)
+            dp_c = tl.dot(grad_lo_t, q_c, input_precision=DOT_PRECISION)
+            tl.atomic_add(dq_ptrs, dq_c, mask=row_in[:, None] & d_in[None, :], sem="relaxed")
+            tl.atomic_add(dp_ptrs, dp_c, mask=col_in[:, None] & d_in[None, :], sem="relaxed")
+            q_ptrs += BLOCK_D * stride_qd
+            p_ptrs += BLOCK_D * stride_pd
+            dq_ptrs += BLOCK_D
+            dp_ptrs += BLOCK_D
+
+
+def _kernels_interpreted() -> bool:
+    return triton is not None and not isinstance(_infonce_fwd_kernel, triton.runtime.jit.JITFunction)
+
+
+_INTERPRET_PROGRAMS = 2  # pretend device size under TRITON_INTERPRET: small shapes still get multi-tile programs
+_num_sms_cache: dict[int, int] = {}
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _INTERPRET_PROGRAMS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _num_sms_cache:
+        _num_sms_cache[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return 4 * _num_sms_cache[index]
+
+
+def _block_sizes(dtype: torch.dtype, interpret: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_M, BLOCK_D, num_warps). Under the interpreter a tile costs Python time, so tiles are the
+    smallest tl.dot accepts; on the GPU 128 x 128 tiles for 16-bit inputs, 64 x 64 for fp32 (twice the bytes)."""
+    if interpret:
+        return 16, 16, 16, 1
+    if dtype == torch.float32:
+        return 64, 64, 32, 4
+    return 128, 128, 64, 8
+
+
+def _launch_common(q, p, logit_scale, labels, row_groups, col_groups):
+    if q.device.type == "cpu" and not _kernels_interpreted():
+        raise RuntimeError("the Triton path on CPU tensors needs TRITON_INTERPRET=1 in the environment before "
+                           "ville_kernels is imported (triton 3.9 reads it when @triton.jit runs)")
+    # Strides are passed to the kernels, but a strided feature axis would make every load a gather.
+    q = q if q.stride(1) == 1 else q.contiguous()
+    p = p if p.stride(1) == 1 else p.contiguous()
+    has_groups = row_groups is not None
+    labels = labels.contiguous()
+    row_groups = row_groups.contiguous() if has_groups else labels  # unread dummies when not has_groups
+    col_groups = col_groups.contiguous() if has_groups else labels
+    interpret = q.device.type == "cpu"
+    interpret_bf16 = interpret and q.dtype == torch.bfloat16
+    return dict(
+        q=q, p=p, scale=logit_scale.detach().to(torch.float32).contiguous(), labels=labels,
+        row_groups=row_groups, col_groups=col_groups, has_groups=has_groups, interpret=interpret,
+        interpret_bf16=interpret_bf16,
+        # fp32 inputs must not silently drop to tf32 in the dot; 16-bit dots accumulate in fp32 anyway.
+        precision="ieee" if q.dtype == torch.float32 or interpret_bf16 else "tf32",
+    )
+
+
+def _forward_tiling(blocks_n: int, blocks_m: int, target: int) -> tuple[int, int]:
+    """Tiles per program (TILES_N, TILES_M): about `target` programs, square super-tiles to bound both scratches."""
+    t = max(1, math.isqrt(blocks_n * blocks_m // max(1, target)))
+    return min(t, blocks_n), min(t, blocks_m)
+
+
+def _infonce_fwd(q, p, logit_scale, labels, row_groups, col_groups, symmetric):
+    """Triton forward: log-sum-exp over each row's negatives (N,) and each column's negatives (M,) or None, fp32,
+    natural log. A row or column without negatives gets about -1e30."""
+    a = _launch_common(q, p, logit_scale, labels, row_groups, col_groups)
+    q, p = a["q"], a["p"]
+    (N, D), M = q.shape, p.shape[0]
+    block_n, block_m, block_d, num_warps = _block_sizes(q.dtype, a["interpret"])
+    blocks_n, blocks_m = triton.cdiv(N, block_n), triton.cdiv(M, block_m)
+    tiles_n, tiles_m = _forward_tiling(blocks_n, blocks_m, _target_programs(q.device))
+    supers_n, supers_m = triton.cdiv(blocks_n, tiles_n), triton.cdiv(blocks_m, tiles_m)
+    row_max = torch.empty(N, supers_m, dtype=torch.float32, device=q.device)
+    row_sum = torch.empty(N, supers_m, dtype=torch.float32, device=q.device)
+    if symmetric:
+        col_max = torch.full((supers_n, M), _NEG, dtype=torch.float32, device=q.device)
+        col_sum = torch.zeros(supers_n, M, dtype=torch.float32, device=q.device)
+    else:
+        col_max = col_sum = row_max  # unread
+    _infonce_fwd_kernel[(supers_n * supers_m,)](
+        q, p, a["scale"], a["labels"], a["row_groups"], a["col_groups"], row_max, row_sum, col_max, col_sum,
+        N, M, D, q.stride(0), q.stride(1), p.stride(0), p.stride(1),
+        tiles_n, tiles_m, supers_m,
+        HAS_GROUPS=a["has_groups"], SYMMETRIC=symmetric,
+        BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
+        DOT_PRECISION=a["precision"], INTERPRET_BF16=a["interpret_bf16"],
+        num_warps=num_warps, num_stages=3,
+    )
+    lse_row = _merge_log2_partials(row_max, row_sum, dim=1)
+    lse_col = _merge_log2_partials(col_max, col_sum, dim=0) if symmetric else None
+    return lse_row, lse_col
+
+
+def _merge_log2_partials(maxes, sums, dim):
+    """logsumexp (natural log) of partial (max, sum) pairs in log2 units along `dim`."""
+    top = maxes.amax(dim=dim, keepdim=True)
+    total = (sums * torch.exp2(maxes - top)).sum(dim=dim)
+    return (top.squeeze(dim) + torch.log2(total)) * _LN2
+
+
+def _infonce_bwd(q, p, logit_scale, grad, labels, row_groups, col_groups, lse_row, lse_col, w_row, w_col,
+                 symmetric):
+    """Triton backward over the negative pairs. lse_* are full log-sum-exps (natural log), lse_col = +inf where a
+    column has no positive. Returns fp32 dq (N, D), dp (M, D), ds (), and the negatives' softmax mass per row (N,)
+    and per column (M,) or None."""
+    a = _launch_common(q, p, logit_scale, labels, row_groups, col_groups)
+    q, p = a["q"], a["p"]
+    (N, D), M = q.shape, p.shape[0]
+    block_n, block_m, block_d, num_warps = _block_sizes(q.dtype, a["interpret"])
+    if not a["interpret"] and q.dtype != torch.float32:
+        block_d = 32  # the backward also holds G and two (BLOCK, BLOCK_D) products in registers
+    programs = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
+    dq = torch.zeros(N, D, dtype=torch.float32, device=q.device)
+    dp = torch.zeros(M, D, dtype=torch.float32, device=q.device)
+    ds_part = torch.empty(programs, dtype=torch.float32, device=q.device)
+    neg_row = torch.zeros(N, dtype=torch.float32, device=q.device)
+    neg_col = torch.zeros(M, dtype=torch.float32, device=q.device) if symmetric else neg_row
+    lse_row2 = (lse_row * _LOG2E).contiguous()
+    lse_col2 = (lse_col * _LOG2E).contiguous() if symmetric else lse_row2
+    _infonce_bwd_kernel[(programs,)](
+        q, p, a["scale"], grad.detach().to(torch.float32).contiguous(), a["labels"], a["row_groups"],
+        a["col_groups"], lse_row2, lse_col2, dq, dp, ds_part, neg_row, neg_col,
+        N, M, D, q.stride(0), q.stride(1), p.stride(0), p.stride(1),
+        w_row, w_col,
+        HAS_GROUPS=a["has_groups"], SYMMETRIC=symmetric, GROUP_N=8,
+        BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
+        DOT_PRECISION=a["precision"], INTERPRET_BF16=a["interpret_bf16"],
+        num_warps=num_warps, num_stages=2,
+    )
+    return dq, dp, ds_part.sum(), neg_row, (neg_col if symmetric else None)
+
+
+# ---- chunked PyTorch path (CPU default; also VILLE_KERNELS=torch on CUDA) -------------------------------------------
+# Rows are processed CHUNK rows at a time so only a few (CHUNK, M) fp32 buffers exist at once. On CPU these passes
+# are memory-bound, so the code counts them: the scale and the row LSE ride inside the GEMMs, and the column sums are
+# one gemv over the row-normalised exponentials instead of a second (strided) logsumexp.
+_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}  # per (CHUNK, M) fp32 buffer: 16 MB on CPU, 256 MB on a GPU
+_TINY = 1.0e-30  # column sums below this may have lost terms to underflow in the gemv; recomputed exactly
+
+
+def _chunk_rows(M: int, device: torch.device) -> int:
+    return max(1, _CHUNK_ELEMENTS.get(device.type, 1 << 22) // M)
+
+
+def _chunk_removed(row_groups_chunk, col_groups, labels_chunk, cols):
+    """(CHUNK, len(cols)) bool: pairs left out of the denominators by groups (same group, not the positive)."""
+    if row_groups_chunk is None:
+        return None
+    return (row_groups_chunk[:, None] == col_groups[cols][None, :]) & (cols[None, :] != labels_chunk[:, None])
+
+
+def _chunk_negative_logits(q_scaled, p32, labels_chunk, row_groups_chunk, col_groups, cols):
+    """Scaled logits of a row chunk against columns `cols`, with the positives and the group-removed pairs at -inf."""
+    x = q_scaled @ p32[cols].T
+    removed = _chunk_removed(row_groups_chunk, col_groups, labels_chunk, cols)
+    if removed is not None:
+        x.masked_fill_(removed, float("-inf"))
+    x.masked_fill_(labels_chunk[:, None] == cols[None, :], float("-inf"))
+    return x
+
+
+def _infonce_fwd_torch(q, p, logit_scale, labels, row_groups, col_groups, symmetric):
+    N, M = q.shape[0], p.shape[0]
+    p32 = p.to(torch.float32)
+    scale = logit_scale.detach().to(torch.float32)
+    all_cols = torch.arange(M, device=q.device)
+    lse_row = torch.empty(N, dtype=torch.float32, device=q.device)
+    lse_col = torch.full((M,), float("-inf"), dtype=torch.float32, device=q.device) if symmetric else None
+    step = _chunk_rows(M, q.device)
+    for lo in range(0, N, step):
+        hi = min(N, lo + step)
+        labels_chunk = labels[lo:hi]
+        groups_chunk = None if row_groups is None else row_groups[lo:hi]
+        q_scaled = q[lo:hi].to(torch.float32) * scale
+        e = q_scaled @ p32.T
+        rows = torch.arange(hi - lo, device=q.device)
+        removed = _chunk_removed(groups_chunk, col_groups, labels_chunk, all_cols)
+        if removed is not None:
+            e.masked_fill_(removed, float("-inf"))
+        e[rows, labels_chunk] = float("-inf")  # negatives only: the positive is handled in closed form
+        top = e.amax(dim=1)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # a row with no negative stays -inf
+        e.sub_(top[:, None]).exp_()
+        lse_row[lo:hi] = top + torch.log(e.sum(dim=1))
+        if symmetric:
+            # sum_i exp(x_ij) = exp(c) * sum_i exp(top_i - c) * e_ij: one gemv, exact unless a column's sum is so
+            # small that terms underflowed; those columns are recomputed from their logits.
+            c = top.max()
+            col_sum = torch.exp(top - c) @ e
+            chunk_lse = c + torch.log(col_sum)
+            weak = (col_sum < _TINY).nonzero().squeeze(1)
+            if weak.numel():
+                x_weak = _chunk_negative_logits(q_scaled, p32, labels_chunk, groups_chunk, col_groups, weak)
+                chunk_lse[weak] = torch.logsumexp(x_weak, dim=0)
+            torch.logaddexp(lse_col, chunk_lse, out=lse_col)
+    return lse_row, lse_col
+
+
+def _infonce_bwd_torch(q, p, logit_scale, grad, labels, row_groups, col_groups, lse_row, lse_col, w_row, w_col,
+                       symmetric):
+    """Chunked backward over the negative pairs; same contract as `_infonce_bwd`."""
+    (N, D), M = q.shape, p.shape[0]
+    p32 = p.to(torch.float32)
+    scale = logit_scale.detach().to(torch.float32)
+    # G is built as softmax_row + (w_col / w_row) * softmax_col and the common factor g * w_row is applied to the
+    # (CHUNK, D) products instead of the (CHUNK, M) matrix.
+    ratio = w_col / w_row
+    factor = grad.detach().to(torch.float32) * w_row
+    all_cols = torch.arange(M, device=q.device)
+    ones_m = torch.ones(M, dtype=torch.float32, device=q.device)
+    dq = torch.empty(N, D, dtype=torch.float32, device=q.device)
+    dp = torch.zeros(M, D, dtype=torch.float32, device=q.device)
+    ds = torch.zeros((), dtype=torch.float32, device=q.device)
+    neg_row = torch.empty(N, dtype=torch.float32, device=q.device)
+    neg_col = torch.zeros(M, dtype=torch.float32, device=q.device) if symmetric else None
+    step = _chunk_rows(M, q.device)
+    for lo in range(0, N, step):
+        hi = min(N, lo + step)
+        q32 = q[lo:hi].to(torch.float32)
+        y = torch.addmm(-lse_row[lo:hi, None], q32 * scale, p32.T)  # x - lse_row in the GEMM's epilogue
+        removed = _chunk_removed(None if row_groups is None else row_groups[lo:hi], col_groups, labels[lo:hi],
+                                 all_cols)
+        if removed is not None:
+            y.masked_fill_(removed, float("-inf"))
+        y[torch.arange(hi - lo, device=q.device), labels[lo:hi]] = float("-inf")  # positives: added by the caller
+        g_chunk = y.exp() if symmetric else y.exp_()
+        neg_row[lo:hi] = g_chunk @ ones_m
+        if symmetric:
+            y.add_(lse_row[lo:hi, None]).sub_(lse_col[None, :]).exp_()  # x - lse_col; +inf lse_col gives 0
+            neg_col += torch.ones(hi - lo, dtype=torch.float32, device=q.device) @ y
+            g_chunk.add_(y, alpha=ratio)
+        gp = g_chunk @ p32  # sum_j G_ij p_j, so ds = sum_ij G_ij q_i.p_j needs no (chunk, M) raw logits
+        ds += (gp * q32).sum()
+        dq[lo:hi] = gp.mul_(factor * scale)
+        dp.addmm_(g_chunk.T, q32)
+    return dq, dp.mul_(factor * scale), ds * factor, neg_row, neg_col
+
+
+class InfoNCEFunction(torch.autograd.Function):
+    """Forward: log-sum-exp over each row's and each column's *negatives*, tiled (Triton) or chunked (torch), and the
+    positive logits x_pos (N,) from an O(N * D) gather; with z = lse_negatives - x_pos the loss of a row (or column)
+    is softplus(z), accurate even when the positive dominates. Backward recomputes the logits (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, q, p, logit_scale, labels, row_groups, col_groups, symmetric):
+        triton_path = use_triton(q, p)
+        fwd = _infonce_fwd if triton_path else _infonce_fwd_torch
+        with torch.no_grad():
+            lse_neg_row, lse_neg_col = fwd(q, p, logit_scale, labels, row_groups, col_groups, symmetric)
+            scale = logit_scale.to(torch.float32)
+            x_pos = scale * (q.to(torch.float32) * p[labels].to(torch.float32)).sum(dim=1)
+            z_row = lse_neg_row - x_pos
+            loss = F.softplus(z_row).mean()
+            z_col = None
+            if symmetric:
+                # Column labels[i] has row i as its positive (labels are distinct in symmetric mode).
+                z_col = lse_neg_col[labels] - x_pos
+                loss = 0.5 * (loss + F.softplus(z_col).mean())
+        ctx.save_for_backward(q, p, logit_scale, labels, row_groups, col_groups, x_pos, z_row, z_col)
+        ctx.symmetric = symmetric
+        ctx.triton_path = triton_path
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, p, logit_scale, labels, row_groups, col_groups, x_pos, z_row, z_col = ctx.saved_tensors
+        symmetric = ctx.symmetric
+        N, M = q.shape[0], p.shape[0]
+        w_row = 0.5 / N if symmetric else 1.0 / N
+        w_col = 0.5 / N if symmetric else 0.0
+        with torch.no_grad():
+            lse_row = x_pos + F.softplus(z_row)
+            lse_col = None
+            if symmetric:
+                # Columns that are no row's label carry no loss: an LSE of +inf makes their softmax exactly 0.
+                lse_col = torch.full((M,), float("inf"), dtype=torch.float32, device=q.device)
+                lse_col[labels] = x_pos + F.softplus(z_col)
+            bwd = _infonce_bwd if ctx.triton_path else _infonce_bwd_torch
+            dq, dp, ds, neg_row, neg_col = bwd(q, p, logit_scale, grad, labels, row_groups, col_groups, lse_row,
+                                               lse_col, w_row, w_col, symmetric)
+            # The positive pair (i, labels[i]) has G = softmax - 1 = -(softmax mass of the negatives), in both
+            # directions. Taking that mass from exactly the probabilities the negatives used keeps every row and
+            # column of G summing to zero (an independently rounded 1 - softmax does not, which biases dq, dp and
+            # ds), and adding it here, in fp32, keeps it out of the tile's low-precision G.
+            share = w_row * neg_row
+            if symmetric:
+                share = share + w_col * neg_col[labels]
+            g_pos = -grad.detach().to(torch.float32) * share
+            scale = logit_scale.detach().to(torch.float32)
+            q32, p_pos32 = q.to(torch.float32), p[labels].to(torch.float32)
+            dq += p_pos32 * (g_pos * scale)[:, None]
+            dp.index_put_((labels,), q32 * (g_pos * scale)[:, None], accumulate=True)  # index_add_ is slow on CPU
+            ds = ds + (g_pos * (q32 * p_pos32).sum(dim=1)).sum()
+        return dq.to(q.dtype), dp.to(p.dtype), ds.to(logit_scale.dtype), None, None, None, None
+
+
+def fused_infonce(q, p, logit_scale, labels=None, groups=None, symmetric=True):
+    """Contrastive InfoNCE (CLIP loss) without materialising the N x M logits; same results as `infonce_ref`.
+
+    Args:
+        q: (N, D) queries (rows), float16 / bfloat16 / float32, D <= 4096.
+        p: (M, D) candidates (columns), same dtype and device as q.
+        logit_scale: () the multiplier s, already exponentiated: logits = s * q @ p.T. Gets a gradient.
+        labels: (N,) integer, row i's positive column in [0, M). None means arange(N) and needs M == N.
+            In symmetric mode labels must be distinct.
+        groups: optional (row_groups (N,), col_groups (M,)) integer ids. A pair (i, j) with
+            row_groups[i] == col_groups[j] that is not row i's positive is left out of both denominators
+            (several captions of one video in a batch are not each other's negatives).
+        symmetric: True gives 0.5 * (row loss + column loss), False the row (q -> p) loss only.
+    Returns:
+        () float32 loss, mean reduction: row loss = mean over N rows of CE(s * q_i . p^T, labels[i]); column loss =
+        mean over the N labelled columns j = labels[i] of CE over the N rows of s * q . p_j with row i positive
+        (unlabelled columns contribute nothing). Gradients reach q, p (in their dtype) and logit_scale.
+
+    Legend: N rows, M columns, D features. Accumulation and log-sum-exp are fp32. Dispatch: CUDA -> Triton kernels,
+    CPU -> chunked PyTorch (O(chunk * M) memory), TRITON_INTERPRET=1 -> the Triton kernels on CPU (set before import),
+    VILLE_KERNELS=torch -> chunked PyTorch everywhere. Raises ValueError on malformed inputs.
+    """
+    logit_scale, labels, row_groups, col_groups = check_infonce_inputs(q, p, logit_scale, labels, groups, symmetric)
+    return InfoNCEFunction.apply(q, p, logit_scale, labels, row_groups, col_groups, bool(symmetric))

@@ -1,0 +1,286 @@
+"""ville.eval end to end: a tiny random model on a few synthetic clips, every section, the cache, the CLI, and a
+2-process gloo run that must give the numbers of a single process."""
+from __future__ import annotations
+
+import copy
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from ville import ViLLE
+from ville import eval as E
+from ville.checkpoint import model_identity
+from ville.data import read_shard_index
+from ville.head import HeadCfg
+from ville.llm import LLMCfg
+from ville.model import EmbedCfg, ModelCfg
+from ville.video import decode_clip
+from ville.vision import VisionCfg
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FRAMES = 4
+OPTS = dict(batch_size=8, moment_scales=(0.5, 1.0), qa_max_new_tokens=3, progress=False)
+
+
+def tiny_cfg() -> ModelCfg:
+    llm = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=512)
+    return ModelCfg(
+        vision=VisionCfg(name="vit_base_patch16_siglip_224", pretrained=False, max_frames=FRAMES,
+                         overrides=dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0)),
+        llm=LLMCfg(pretrained=False, tokenizer="builtin", config=copy.deepcopy(llm)),
+        head=HeadCfg(num_pool_tokens=8, width=32, num_heads=4, mlp_ratio=2.0, dim=24),
+        embed=EmbedCfg(max_embed_tokens=6, min_embed_tokens=1, stop_threshold=0.5))
+
+
+def tiny_model(seed: int) -> ViLLE:
+    torch.manual_seed(seed)
+    return ViLLE(tiny_cfg()).eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Two cores shared with other jobs: tiny matmuls run faster without intra-op threads.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    subprocess.run([sys.executable, "-m", "data_tools.synth", "--out", str(root / "data"), "--seed", "3",
+                    "--num-train", "6", "--num-val", "0", "--num-test", "6", "--num-compositional", "4",
+                    "--num-composed", "3", "--workers", "1", "--no-progress"], check=True, cwd=REPO,
+                   stdout=subprocess.DEVNULL)
+    tiny_model(0).save_pretrained(str(root / "model"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def first_run(env):
+    out = env / "run" / "results.json"
+    out.parent.mkdir()
+    return E.evaluate(str(env / "model"), str(env / "data"), out=str(out), **OPTS), out
+
+
+def _clips(env, split="test"):
+    return [(s.key, s.meta) for s in read_shard_index(str(env / "data" / split / "shard-000000.tar"))]
+
+
+def test_every_section(env, first_run):
+    res, out = first_run
+    assert json.loads(out.read_text()) == res
+    for section in E.TASKS:
+        assert isinstance(res[section]["protocol"], str) and res[section]["protocol"], section
+    clips = _clips(env)
+    meta = res["meta"]
+    assert meta["model_identity"] == model_identity(str(env / "model"))
+    assert meta["split"] == "test" and meta["counts"]["clips"] == 6 and meta["world_size"] == 1
+    assert meta["device"] == "cpu" and meta["date"]
+
+    r = res["retrieval"]
+    assert "all_captions" not in r  # synthetic clips have one caption each
+    assert r["single_caption"]["chance"]["t2v"]["R@1"] == pytest.approx(100 / 6, abs=0.01)
+    assert r["single_caption"]["t2v"]["n"] == 6 and 1 <= r["single_caption"]["t2v"]["MdR"] <= 6
+    assert set(res["rerank"]["stage1"]) >= {"R@1", "R@5", "R@10"} and res["rerank"]["k"] == 10
+    assert res["rerank"]["stage1"] == r["single_caption"]["t2v"]  # stage 1 is plain single-caption T2V
+
+    m = res["moment"]
+    assert m["num_queries"] == sum(len(c["events"]) for _, c in clips)
+    for key in ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "mAP@0.5", "mAP@0.75", "mAP"):
+        assert 0 <= m[key] <= 100, key
+    assert m["R1@0.7"] <= m["R1@0.5"] <= m["R1@0.3"]
+    # Scales (.5, 1) at stride .5: [0, .5], [.25, .75], [.5, 1] and the whole clip.
+    assert m["windows_per_clip"] == 4
+    assert 0 < m["random_window"]["R1@0.5"] < 100
+
+    q = res["qa"]
+    assert q["num_questions"] == sum(len(c["qa"]) for _, c in clips)
+    assert q["baseline_source"] == "train" and 0 <= q["majority_baseline"] <= 100
+    assert set(q["per_type"]) <= {"colour", "shape", "size", "count", "direction", "order", "background", "existence"}
+
+    c = res["composed"]
+    assert c["num_queries"] == 3 and c["gallery_size"] == 12
+    assert c["chance"]["R@1"] == pytest.approx(100 / 12, abs=0.01)
+    assert {"source_only", "edit_text_only"} <= set(c)
+
+    assert res["long_text"]["num_texts"] == 6
+
+    a = res["adaptive"]
+    assert sum(a["histogram"].values()) == 6 and 1 <= a["mean_tokens"] <= 6
+    assert set(a["mean_tokens_by_complexity"]) == {str(c["complexity"]) for _, c in clips}
+    assert a["latency_ms_per_video"]["median"] > 0
+    with open(a["plot"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    table = E.format_table(res)
+    for word in ("retrieval/single_caption", "rerank", "moment", "qa", "composed", "long_text", "adaptive",
+                 "chance", "random window", "majority"):
+        assert word in table, word
+
+
+def test_retrieval_numbers_from_the_embeddings(env, first_run):
+    """Recompute single-caption retrieval by brute force from independently decoded and embedded clips."""
+    res, out = first_run
+    model = ViLLE.from_pretrained(str(env / "model"))
+    clips = _clips(env)
+    data = str(env / "data" / "test" / "shard-000000.tar")
+    from ville.data import ClipStore
+
+    store = ClipStore(data)
+    frames = torch.stack([torch.from_numpy(decode_clip(store.read(k), FRAMES, size=32)[0]) for k, _ in clips])
+    with torch.no_grad():
+        direct = model.embed_video(frames).embeddings
+    cache = torch.load(out.parent / "cache" / f"{model_identity(str(env / 'model'))}-test-{FRAMES}-videos-32px.pt",
+                       weights_only=False)
+    V = torch.stack([cache[k]["emb"] for k, _ in clips]).double()
+    torch.testing.assert_close(V.float(), direct, atol=1e-5, rtol=1e-4)
+    texts = torch.load(out.parent / "cache" / f"{model_identity(str(env / 'model'))}-texts.pt", weights_only=False)
+    T = torch.stack([texts[c["caption"]] for _, c in clips]).double()
+    S = (T @ V.T).numpy()
+    t2v = [1 + sum(S[i, j] >= S[i, i] for j in range(6) if j != i) for i in range(6)]
+    v2t = [1 + sum(S[j, i] >= S[i, i] for j in range(6) if j != i) for i in range(6)]
+    got = res["retrieval"]["single_caption"]
+    for name, ranks in (("t2v", t2v), ("v2t", v2t)):
+        assert got[name]["R@1"] == pytest.approx(100 * np.mean(np.array(ranks) <= 1), abs=0.01)
+        assert got[name]["R@5"] == pytest.approx(100 * np.mean(np.array(ranks) <= 5), abs=0.01)
+        assert got[name]["MdR"] == pytest.approx(float(np.median(ranks)))
+
+
+def _count_calls(model, names=("embed_video", "embed_text", "embed_composed", "generate", "match")):
+    calls = {n: 0 for n in names}
+    for n in names:
+        fn = getattr(model, n)
+
+        def wrapped(*a, _fn=fn, _n=n, **k):
+            calls[_n] += 1
+            return _fn(*a, **k)
+
+        setattr(model, n, wrapped)
+    return calls
+
+
+def test_second_run_hits_the_cache(env, first_run):
+    res, out = first_run
+    model = ViLLE.from_pretrained(str(env / "model"))
+    calls = _count_calls(model)
+    again = E.evaluate(model, str(env / "data"), identity=model_identity(str(env / "model")),
+                       out=str(out.parent / "again.json"), **OPTS)
+    assert calls == {n: 0 for n in calls}
+    for section in E.TASKS:
+        assert again[section] == {**res[section], **({"plot": again[section]["plot"]} if "plot" in res[section]
+                                                     else {})}, section
+    # A model with other weights has another identity: nothing cached applies to it.
+    other = tiny_model(1)
+    calls = _count_calls(other)
+    E.evaluate(other, str(env / "data"), tasks=["retrieval"], out=str(out.parent / "other.json"), **OPTS)
+    assert calls["embed_video"] > 0 and calls["embed_text"] > 0
+
+
+def test_cli_compositional_split_with_dual_softmax(env, capsys):
+    out = env / "cli" / "comp.json"
+    out.parent.mkdir()
+    E.main([str(env / "model"), "--data", str(env / "data"), "--split", "compositional", "--tasks", "retrieval",
+            "adaptive", "--max-clips", "3", "--dual-softmax", "--out", str(out), "--no-progress"])
+    res = json.loads(out.read_text())
+    assert res["meta"]["split"] == "compositional" and res["meta"]["counts"]["clips"] == 3
+    assert set(res) == {"retrieval", "adaptive", "meta"}
+    dsl = res["retrieval"]["single_caption_dual_softmax"]
+    assert "DUAL-SOFTMAX" in dsl["protocol"] and dsl["t2v"]["n"] == 3
+    assert os.path.isfile(out.parent / "adaptive_tokens_compositional.png")
+    printed = capsys.readouterr().out
+    assert "single_caption_dual_softmax" in printed and "chance" in printed
+
+
+def _worker(rank, world, init, model_dir, data_dir, out, queue):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    try:
+        res = E.evaluate(model_dir, data_dir, tasks=["retrieval", "long_text"], out=out, **{**OPTS, "batch_size": 2})
+        queue.put((rank, res))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_gloo_matches_one_process(env):
+    model_dir, data_dir = str(env / "model"), str(env / "data")
+    single = E.evaluate(model_dir, data_dir, tasks=["retrieval", "long_text"], out=str(env / "one" / "r.json"),
+                        **{**OPTS, "batch_size": 2})
+    # fork: the children reuse the imported modules (a spawned interpreter would re-import torch + transformers).
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    os.makedirs(env / "two")
+    procs = [ctx.Process(target=_worker, args=(r, 2, str(env / "two" / "init"), model_dir, data_dir,
+                                               str(env / "two" / "r.json"), queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(queue.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert got[1] is None
+    two = got[0]
+    assert two["meta"]["world_size"] == 2
+    assert two["retrieval"] == single["retrieval"] and two["long_text"] == single["long_text"]
+    ident = model_identity(model_dir)
+    a = torch.load(env / "one" / "cache" / f"{ident}-test-{FRAMES}-videos-32px.pt", weights_only=False)
+    b = torch.load(env / "two" / "cache" / f"{ident}-test-{FRAMES}-videos-32px.pt", weights_only=False)
+    assert set(a) == set(b) and len(a) == 6
+    for k in a:
+        assert torch.equal(a[k]["emb"], b[k]["emb"]) and a[k]["tokens"] == b[k]["tokens"]
+
+
+def test_all_captions_protocol(env, tmp_path):
+    """Multi-caption clips: the all-captions protocol (every caption a query; V2T at the best caption) beside the
+    single-caption one, both checked against brute-force ranks from the cached embeddings."""
+    import io
+    import tarfile
+
+    src = env / "data" / "test" / "shard-000000.tar"
+    (tmp_path / "multi" / "test").mkdir(parents=True)
+    with tarfile.open(src) as tin, tarfile.open(tmp_path / "multi" / "test" / "shard-000000.tar", "w") as tout:
+        for m in tin.getmembers():
+            data = tin.extractfile(m).read()
+            if m.name.endswith(".json"):
+                meta = json.loads(data)
+                meta["captions"] = [meta["caption"]] + [e["text"] for e in meta["events"][:2]]
+                data = json.dumps(meta).encode()
+            info = tarfile.TarInfo(m.name)
+            info.size = len(data)
+            tout.addfile(info, io.BytesIO(data))
+    out = tmp_path / "r.json"
+    res = E.evaluate(str(env / "model"), str(tmp_path / "multi"), tasks=["retrieval", "composed"], out=str(out),
+                     **OPTS)
+    # No composed/ folder in this dataset: the section says so instead of failing the run.
+    assert res["composed"]["num_queries"] == 0 and "not available" in res["composed"]["protocol"]
+    assert "all_captions" in E.format_table(res)
+    clips = _clips(env)
+    pairs = [(i, c) for i, (_, m) in enumerate(clips) for c in [m["caption"]] + [e["text"] for e in m["events"][:2]]]
+    r = res["retrieval"]
+    assert r["all_captions"]["num_texts"] == len(pairs) > 6 and r["single_caption"]["num_texts"] == 6
+    assert "every caption" in r["all_captions"]["protocol"]
+    ident = model_identity(str(env / "model"))
+    videos = torch.load(tmp_path / "cache" / f"{ident}-test-{FRAMES}-videos-32px.pt", weights_only=False)
+    texts = torch.load(tmp_path / "cache" / f"{ident}-texts.pt", weights_only=False)
+    V = torch.stack([videos[k]["emb"] for k, _ in clips]).double()
+    S = (torch.stack([texts[c] for _, c in pairs]).double() @ V.T).numpy()  # (texts, videos)
+    owner = np.array([i for i, _ in pairs])
+    t2v = [1 + sum(S[t, j] >= S[t, owner[t]] for j in range(6) if j != owner[t]) for t in range(len(pairs))]
+    v2t = []
+    for v in range(6):
+        best = S[owner == v, v].max()
+        v2t.append(1 + sum(S[t, v] >= best for t in range(len(pairs)) if owner[t] != v))
+    for name, ranks in (("t2v", t2v), ("v2t", v2t)):
+        assert r["all_captions"][name]["R@1"] == pytest.approx(100 * np.mean(np.array(ranks) <= 1), abs=0.01)
+        assert r["all_captions"][name]["MnR"] == pytest.approx(np.mean(ranks), abs=0.01)
+    # V2T chance at k=1 with m correct captions among n texts: 1 - C(n-m, 1) / C(n, 1) = m / n, averaged.
+    m = np.bincount(owner)
+    assert r["all_captions"]["chance"]["v2t"]["R@1"] == pytest.approx(100 * np.mean(m / len(pairs)), abs=0.01)

@@ -1,0 +1,195 @@
+"""ville.metrics on hand-computed fixtures (the expected numbers are worked out in the comments)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ville import metrics as M
+
+# ------------------------------------------------------------------------------------------------------- retrieval
+
+
+def test_ranks_and_ties():
+    scores = torch.tensor([[0.9, 0.1, 0.5],   # positive 0 is the best -> rank 1
+                           [0.2, 0.3, 0.3],   # positive 1 ties with negative 2: pessimistic 2, optimistic 1
+                           [0.8, 0.7, 0.6]])  # positive 2 is the worst -> rank 3
+    pos = torch.eye(3, dtype=torch.bool)
+    assert M.retrieval_ranks(scores, pos).tolist() == [1, 2, 3]
+    assert M.retrieval_ranks(scores, pos, ties="optimistic").tolist() == [1, 1, 3]
+    r = M.recall_metrics([1, 2, 3], ks=(1, 2))
+    assert r["R@1"] == pytest.approx(100 / 3) and r["R@2"] == pytest.approx(200 / 3)
+    assert r["MdR"] == 2 and r["MnR"] == 2 and r["n"] == 3
+
+
+def test_constant_scores_give_no_free_hits():
+    ranks = M.retrieval_ranks(torch.zeros(4, 4), torch.eye(4, dtype=torch.bool))
+    assert ranks.tolist() == [4, 4, 4, 4]
+    assert M.recall_metrics(ranks)["R@1"] == 0.0
+
+
+def test_multi_positive_rank_is_best_positive():
+    # V2T with two correct captions (0, 1): the best positive scores 0.6; only caption 2 (0.7) is ahead -> rank 2.
+    scores = torch.tensor([[0.1, 0.6, 0.7, 0.2]])
+    pos = torch.tensor([[True, True, False, False]])
+    assert M.retrieval_ranks(scores, pos).tolist() == [2]
+    # A positive tying with another positive does not count against the query.
+    assert M.retrieval_ranks(torch.tensor([[0.5, 0.5, 0.1]]), torch.tensor([[True, True, False]])).tolist() == [1]
+
+
+def test_rank_input_checks():
+    with pytest.raises(ValueError, match="at least one positive"):
+        M.retrieval_ranks(torch.zeros(2, 2), torch.tensor([[True, False], [False, False]]))
+    with pytest.raises(ValueError, match="ties"):
+        M.retrieval_ranks(torch.zeros(1, 2), torch.tensor([[True, False]]), ties="random")
+
+
+def test_chance_recall_exact():
+    # G = 4: one positive -> k/G; two positives -> 1 - C(2, k) / C(4, k): k=1: 1/2, k=2: 1 - 1/6.
+    assert M.chance_recall(4, [1], ks=(1, 2))["R@1"] == pytest.approx(25.0)
+    two = M.chance_recall(4, [2], ks=(1, 2))
+    assert two["R@1"] == pytest.approx(50.0) and two["R@2"] == pytest.approx(100 * 5 / 6)
+    assert M.chance_recall(4, [1, 2], ks=(1,))["R@1"] == pytest.approx(37.5)
+    assert M.chance_recall(3, [1], ks=(10,))["R@10"] == pytest.approx(100.0)  # k beyond the gallery
+
+
+def test_chance_recall_matches_simulation():
+    rng = np.random.default_rng(0)
+    hits = 0
+    for _ in range(20000):
+        hits += rng.permutation(10)[:3].min() < 2  # positives are items 0, 1; is one in the top 3?
+    assert M.chance_recall(10, [2], ks=(3,))["R@3"] == pytest.approx(100 * hits / 20000, abs=1.5)
+
+
+def test_dual_softmax_formula():
+    s = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    e = math.e
+    expected = torch.tensor([[e / (e + 1), 0.0], [0.0, e / (e + 1)]], dtype=torch.float64)
+    assert torch.allclose(M.dual_softmax(s, 1.0), expected)
+    # It can change a ranking: video 0 is everyone's best match, but it prefers query 0, so query 1 moves to video 1.
+    s = torch.tensor([[0.9, 0.2], [0.8, 0.7]])
+    assert M.retrieval_ranks(s, torch.eye(2, dtype=torch.bool)).tolist() == [1, 2]
+    assert M.retrieval_ranks(M.dual_softmax(s, 100.0), torch.eye(2, dtype=torch.bool)).tolist() == [1, 1]
+
+
+# ------------------------------------------------------------------------------------------------ moment retrieval
+
+
+def test_temporal_iou():
+    iou = M.temporal_iou(np.array([[0, 2], [0, 1], [0, 4], [1, 1]]), np.array([[1, 3], [2, 3], [1, 2], [1, 1]]))
+    assert iou[0, 0] == pytest.approx(1 / 3)  # [0,2] vs [1,3]: 1 / 3
+    assert iou[1, 1] == 0.0  # disjoint
+    assert iou[2, 2] == pytest.approx(0.25)  # [1,2] inside [0,4]
+    assert iou[3, 3] == 0.0  # empty union -> 0, not NaN
+
+
+def test_nms():
+    windows = np.array([[0, 4], [0, 3], [2, 6], [5, 8]])
+    scores = np.array([0.9, 0.8, 0.7, 0.95])
+    # [5,8] first; [0,4] overlaps nothing kept; [0,3] has IoU 0.75 with [0,4] -> dropped; [2,6] has IoU 1/3 -> kept.
+    assert M.temporal_nms(windows, scores, 0.5).tolist() == [3, 0, 2]
+    assert M.temporal_nms(windows, scores, 0.5, max_keep=2).tolist() == [3, 0]
+    # IoU exactly at the threshold is not suppressed (strict >), and equal scores keep the input order.
+    assert M.temporal_nms(np.array([[0, 2], [0, 4]]), np.array([0.5, 0.5]), 0.5).tolist() == [0, 1]
+    assert M.temporal_nms(windows, scores, 1.0).tolist() == [3, 0, 1, 2]
+
+
+def test_r1_and_miou_multi_window():
+    top1 = np.array([[0, 2], [0, 4], [5, 6], [0, 1]])
+    gts = [np.array([[1, 3]]),               # IoU 1/3
+           np.array([[0, 2], [0, 3.5]]),     # best of 0.5 and 0.875 -> 0.875
+           np.array([[0, 1]]),               # 0
+           np.array([[0, 2]])]               # exactly 0.5: counts at R1@0.5 (>=)
+    r = M.moment_r1(top1, gts)
+    assert r["R1@0.3"] == pytest.approx(75.0)
+    assert r["R1@0.5"] == pytest.approx(50.0)
+    assert r["R1@0.7"] == pytest.approx(25.0)
+    assert r["mIoU"] == pytest.approx(100 * (1 / 3 + 0.875 + 0 + 0.5) / 4)
+
+
+# Query A: one GT [0,10]. p1 [0,5] (IoU .5), p2 [0,10] (IoU 1), p3 [20,30].
+#   t=.5: p1 TP, p2 hits the already-matched GT -> FP, p3 FP: precision 1 at recall 1 -> AP 1.
+#   t>.5: p1 FP, p2 TP, p3 FP: interpolated precision at recall 1 is 1/2 -> AP .5.   mean over t = .55
+QA_PRED = np.array([[0, 5, 0.9], [0, 10, 0.8], [20, 30, 0.7]])
+QA_GT = np.array([[0, 10]])
+# Query B: GTs [0,2], [4,6]. p1 [4,6] .9 (IoU 1 with g2), p2 [0,2.5] .8 (IoU .8 with g1), p3 [0,2] .8 (IoU 1 with g1;
+# same score as p2, listed later, so ranked after it).
+#   t<=.8: TP TP FP -> recall .5 then 1 at precision 1 -> AP 1.
+#   t>=.85: TP FP TP -> .5 * 1 + .5 * 2/3 = 5/6.   mean over t = (7 * 1 + 3 * 5/6) / 10 = .95
+QB_PRED = np.array([[4, 6, 0.9], [0, 2.5, 0.8], [0, 2, 0.8]])
+QB_GT = np.array([[0, 2], [4, 6]])
+# Query C: GTs [0,4], [2,6]; p1 [2,4] has IoU .5 with both (a GT tie: the later-listed GT is matched first, as in
+# ActivityNet's argsort()[::-1]); p2 [4,6] then only overlaps that same GT -> FP.
+#   t=.5: TP FP -> AP .5; t>.5: nothing -> 0.   mean over t = .05
+QC_PRED = np.array([[2, 4, 0.9], [4, 6, 0.5]])
+QC_GT = np.array([[0, 4], [2, 6]])
+
+
+def test_average_precision_per_query():
+    t = M.IOU_THRESHOLDS_MAP
+    assert t[0] == 0.5 and t[5] == 0.75 and t[-1] == 0.95 and len(t) == 10
+    np.testing.assert_allclose(M.query_average_precision(QA_PRED, QA_GT), [1.0] + [0.5] * 9)
+    np.testing.assert_allclose(M.query_average_precision(QB_PRED, QB_GT), [1.0] * 7 + [5 / 6] * 3)
+    np.testing.assert_allclose(M.query_average_precision(QC_PRED, QC_GT), [0.5] + [0.0] * 9)
+    # Swapping the tied predictions of B changes the numbers: the given order decides ties.
+    np.testing.assert_allclose(M.query_average_precision(QB_PRED[[0, 2, 1]], QB_GT), [1.0] * 10)
+
+
+def test_average_precision_top10_and_empty():
+    # The only hit is the 11th prediction: beyond max_pred_windows, so AP 0; with no cut it counts.
+    preds = np.array([[20 + i, 21 + i, 1.0 - i / 100] for i in range(10)] + [[0, 1, 0.5]])
+    assert M.query_average_precision(preds, np.array([[0, 1]])).max() == 0.0
+    assert M.query_average_precision(preds, np.array([[0, 1]]), max_pred_windows=None)[0] == pytest.approx(1 / 11)
+    assert M.query_average_precision(np.zeros((0, 3)), np.array([[0, 1]])).max() == 0.0
+
+
+def test_map_over_queries():
+    r = M.moment_average_precision([QA_PRED, QB_PRED, QC_PRED], [QA_GT, QB_GT, QC_GT])
+    assert r["mAP@0.5"] == pytest.approx(100 * (1 + 1 + 0.5) / 3)
+    assert r["mAP@0.75"] == pytest.approx(100 * (0.5 + 1 + 0) / 3)
+    assert r["mAP"] == pytest.approx(100 * (0.55 + 0.95 + 0.05) / 3)
+
+
+def test_random_window_baseline():
+    cands = np.array([[0, 2], [2, 4], [0, 4]])
+    # Query 1 GT [0,2]: IoUs 1, 0, .5.  Query 2 GTs [0,2], [2,4]: best IoUs 1, 1, .5.
+    r = M.random_window_baseline([cands, cands], [np.array([[0, 2]]), np.array([[0, 2], [2, 4]])])
+    assert r["R1@0.5"] == pytest.approx(100 * (2 / 3 + 1) / 2)
+    assert r["R1@0.7"] == pytest.approx(100 * (1 / 3 + 2 / 3) / 2)
+    assert r["mIoU"] == pytest.approx(100 * (0.5 + 2.5 / 3) / 2)
+
+
+# --------------------------------------------------------------------------------------------------------------- QA
+
+
+def test_answer_normalisation_and_exact_match():
+    assert M.normalize_answer("  The Red!! ") == "red"
+    assert M.normalize_answer("an apple.") == "apple"
+    assert M.normalize_answer("counter-clockwise") == "counter clockwise"
+    assert M.normalize_answer("theatre") == "theatre"  # only whole-word articles go
+    assert M.exact_match(["Red.", "a circle", "blue"], ["red", "circle", "green"]).tolist() == [True, True, False]
+
+
+def test_majority_answers_and_question_type():
+    pairs = [("colour", "red"), ("colour", "Blue"), ("shape", "circle"), ("shape", "circle"), ("shape", "star")]
+    maj = M.majority_answers(pairs)
+    assert maj["colour"] == "blue"  # 1-1 tie -> alphabetically first
+    assert maj["shape"] == "circle" and maj["*"] == "circle"
+    assert M.question_type({"question": "What is it?", "type": "colour"}) == "colour"
+    assert M.question_type({"question": "Who is running?"}) == "who"
+
+
+# ------------------------------------------------------------------------------------------------- adaptive length
+
+
+def test_spearman_nan_safe():
+    assert M.spearman([1, 2, 3], [2, 2, 2]) is None
+    assert M.spearman([1], [1]) is None
+    assert M.spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    # Ranks (1,2,3,4) vs (1.5,1.5,3.5,3.5): 4 / (sqrt(5) * 2).
+    assert M.spearman([1, 2, 3, 4], [1, 1, 2, 2]) == pytest.approx(4 / (2 * math.sqrt(5)))
+
+
+def test_histogram_and_group_means():
+    assert M.histogram([1, 1, 3], 1, 4) == {"1": 2, "2": 0, "3": 1, "4": 0}
+    assert M.mean_by_group([1, 3, 5], [2, 2, 1]) == {"1": 5.0, "2": 2.0}

@@ -1,0 +1,169 @@
+"""ville.index + ville.search: the command-line round trip, the model-identity check, folder sources, exact top-k."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from ville import ViLLE
+from ville import index as I
+from ville import search as S
+from ville.checkpoint import model_identity
+from ville.data import read_shard_index
+from ville.head import HeadCfg
+from ville.llm import LLMCfg
+from ville.model import EmbedCfg, ModelCfg
+from ville.vision import VisionCfg
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def tiny_cfg() -> ModelCfg:
+    llm = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=512)
+    return ModelCfg(
+        vision=VisionCfg(name="vit_base_patch16_siglip_224", pretrained=False, max_frames=4,
+                         overrides=dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0)),
+        llm=LLMCfg(pretrained=False, tokenizer="builtin", config=copy.deepcopy(llm)),
+        head=HeadCfg(num_pool_tokens=8, width=32, num_heads=4, mlp_ratio=2.0, dim=24),
+        embed=EmbedCfg(max_embed_tokens=6, min_embed_tokens=1, stop_threshold=0.5))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from data_tools import synth
+
+    root = tmp_path_factory.mktemp("search")
+    synth.generate(root / "data", seed=5, counts={"test": 5}, shard_size=3, progress=False)  # two shards
+    for seed, name in ((0, "model_a"), (1, "model_b")):
+        torch.manual_seed(seed)
+        ViLLE(tiny_cfg()).save_pretrained(str(root / name))
+    # The same clips as loose mp4 files (one in a sub-folder), plus one that is not a video.
+    videos = root / "videos"
+    (videos / "sub").mkdir(parents=True)
+    with tarfile.open(root / "data" / "test" / "shard-000000.tar") as tar:
+        for i, m in enumerate(x for x in tar.getmembers() if x.name.endswith(".mp4")):
+            dest = videos / ("sub" if i == 0 else "") / m.name
+            dest.write_bytes(tar.extractfile(m).read())
+    (videos / "broken.mp4").write_bytes(b"not a video")
+    return root
+
+
+def _start(*args) -> subprocess.Popen:
+    envvars = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=envvars)
+
+
+def _finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _keys(env):
+    shards = [str(env / "data" / "test" / f"shard-{n}.tar") for n in ("000000", "000001")]
+    return [s.key for shard in shards for s in read_shard_index(shard)]
+
+
+def test_cli_round_trip_and_model_mismatch(env):
+    index_path = env / "shards.idx"
+    r = _finish(_start("ville.index", str(env / "model_a"), str(env / "data" / "test" / "shard-*.tar"), "--out",
+                       str(index_path), "--num-frames", "2", "--batch-size", "2", "--no-progress"))
+    assert r.returncode == 0, r.stderr
+    index = I.load_index(str(index_path))
+    keys = _keys(env)
+    assert index["ids"] == keys and index["embeddings"].shape == (5, 24) and index["num_frames"] == 2
+    assert index["model_identity"] == model_identity(str(env / "model_a"))
+    assert [s["key"] for s in index["sources"]] == keys and all(os.path.isfile(s["shard"]) for s in index["sources"])
+    assert torch.allclose(index["embeddings"].norm(dim=1), torch.ones(5), atol=1e-5)
+
+    metas = {s.key: s.meta for n in ("000000", "000001")
+             for s in read_shard_index(str(env / "data" / "test" / f"shard-{n}.tar"))}
+    query = metas[keys[2]]["caption"]
+    # Both searches at once: each start pays the interpreter + torch/transformers import.
+    search = _start("ville.search", str(index_path), query, "-k", "3", "--rerank", "--rerank-k", "4", "--json")
+    mismatch = _start("ville.search", str(index_path), query, "--model", str(env / "model_b"))
+    r, bad = _finish(search), _finish(mismatch)
+    assert r.returncode == 0, r.stderr
+    hits = json.loads(r.stdout)
+    model = ViLLE.from_pretrained(str(env / "model_a"))
+    with torch.no_grad():
+        cos = (index["embeddings"] @ model.embed_text([query])[0]).numpy()
+    top4 = {keys[i] for i in np.argsort(-cos, kind="stable")[:4]}
+    assert [h["rank"] for h in hits] == [1, 2, 3] and {h["id"] for h in hits} <= top4
+    assert all(0 <= h["match"] <= 1 for h in hits)
+    assert [h["match"] for h in hits] == sorted((h["match"] for h in hits), reverse=True)
+    for h in hits:
+        assert h["score"] == pytest.approx(float(cos[keys.index(h["id"])]), abs=1e-4)
+
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert "model mismatch" in bad.stderr and model_identity(str(env / "model_b")) in bad.stderr
+
+
+def test_folder_index_and_search_in_process(env, capsys):
+    model = ViLLE.from_pretrained(str(env / "model_a"))
+    index = I.build_index(model, [str(env / "videos")], identity=model_identity(str(env / "model_a")),
+                          model_dir=str(env / "model_a"), num_frames=2, batch_size=2, progress=False)
+    keys = _keys(env)[:3]
+    assert index["ids"] == sorted([f"sub/{keys[0]}.mp4", f"{keys[1]}.mp4", f"{keys[2]}.mp4"])
+    assert index["skipped"] == [str(env / "videos" / "broken.mp4")]
+    with pytest.raises(ValueError, match="duplicate id"):
+        I.build_index(model, [str(env / "videos")] * 2, identity="x", num_frames=2, progress=False)
+
+    hits = S.search(index, model, "a red circle moves left", k=2)
+    with torch.no_grad():
+        cos = index["embeddings"] @ model.embed_text(["a red circle moves left"])[0]
+    best = torch.sort(cos, descending=True, stable=True).indices[:2].tolist()
+    assert [h["id"] for h in hits] == [index["ids"][i] for i in best]
+    reranked = S.search(index, model, "a red circle moves left", k=3, rerank=True)
+    assert sorted(h["id"] for h in reranked) == sorted(index["ids"]) and all("match" in h for h in reranked)
+
+    path = env / "folder.idx"
+    I.save_index(index, str(path))
+    S.main([str(path), "a red circle moves left", "-k", "2"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].split()[0] == "1" and lines[0].split()[-1] == hits[0]["id"]
+
+
+def test_topk_exact_with_ties():
+    emb = torch.nn.functional.normalize(torch.randn(50, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    emb[7] = emb[3]  # an exact tie: the lower index comes first
+    q = emb[3].clone()
+    scores, idx = S.topk(emb, q, 5, use_faiss=False)
+    expected = np.argsort(-(emb @ q).numpy(), kind="stable")[:5]
+    assert idx.tolist() == expected.tolist() and idx[:2].tolist() == [3, 7]
+    assert torch.all(scores[:-1] >= scores[1:])
+    assert S.topk(emb, q, 100, use_faiss=False)[1].numel() == 50
+
+
+def test_topk_faiss_agrees():
+    pytest.importorskip("faiss")
+    emb = torch.nn.functional.normalize(torch.randn(200, 16, generator=torch.Generator().manual_seed(1)), dim=1)
+    q = emb[11]
+    a, ia = S.topk(emb, q, 10, use_faiss=False)
+    b, ib = S.topk(emb, q, 10, use_faiss=True)
+    assert ia.tolist() == ib.tolist() and torch.allclose(a, b, atol=1e-5)
+
+
+def test_identity_check_and_bad_index(tmp_path):
+    with pytest.raises(S.ModelMismatchError, match="model mismatch"):
+        S.check_identity({"model_identity": "aaaa", "model_dir": "/x"}, "bbbb", "/y")
+    S.check_identity({"model_identity": "aaaa"}, "aaaa", "/y")
+    torch.save({"format": "something else"}, tmp_path / "bad.idx")
+    with pytest.raises(ValueError, match="not a ville index"):
+        I.load_index(str(tmp_path / "bad.idx"))

@@ -1,0 +1,789 @@
+"""Data: WebDataset shards -> frames + text -> per-task batches that the model consumes directly.
+
+Stages, in the order a sample passes them:
+  shards   brace/glob patterns -> tar files; a tar's index (member offsets and sizes, the parsed JSON) is read
+           without touching the video bytes (`read_shard_index`).
+  plan     a task builder turns an indexed clip into a `Plan`: texts, group / label / windows and the seed of its
+           frame sampling -- everything but the pixels, from the JSON alone; clips lacking what the task needs are
+           skipped here. Plans pass a shuffle buffer (metadata only, so it is cheap to make large).
+  realise  read the video member by offset and decode the planned frames (`ville.video`, seeking).
+  collate  frames -> uint8 tensors, texts stay list[str], token ids if a tokenizer is given (in the workers).
+
+Training stream and resume contract. A train loader yields global batches 0, 1, 2, ... of B clips (infinite,
+resampled); rank r of world_size R receives and decodes rows [r*B/R, (r+1)*B/R) of each. With W = max(1,
+num_workers), global batch k is batch k // W of *logical stream* k % W. A logical stream is a pure function of (seed,
+task, stream index, DataCfg, B, shard files) -- not of rank or world size: its own RNG draws shards (a source by
+weight, then one of its shards uniformly), visits each shard's samples in a random order, plans them and mixes the
+plans in the shuffle buffer; its batch j is plans [j*B, (j+1)*B). Decoding never changes which plans form a batch.
+DataLoader worker d runs logical stream (d + start_step) % W, so the DataLoader's round-robin order delivers batches
+start_step, start_step + 1, ...; to get there a stream replays only its plan stage (tar headers + JSON; no video
+read or decoded) and drops the plans -- about B * start_step / W JSON parses per worker. Hence `start_step=s` yields
+exactly batches s, s+1, ... of an uninterrupted run with the same seed, task, num_workers and B, for any world size
+(other num_workers or B give a different, equally valid stream). A clip whose video fails to decode is replaced by
+a copy of the nearest decodable clip of the rank's rows (or, if all of them fail, of the other rows): same key and
+group, so never a false negative; every batch keeps its size and later batches stay in place. Only when a whole
+global batch fails are new plans drawn, which shifts that rank's stream (a warning says so).
+
+Evaluation (`iter_eval_clips`, `iter_samples`): the shards' samples in order (shards as listed, members in tar
+order), each once per pass, no shuffling. Batch b goes to rank b % world_size, and a rank's r-th batch to worker
+r % num_workers; each rank yields its batches in order. Workers all read the tar indexes; each video is read and
+decoded once per pass.
+
+Bad input (unreadable or truncated tars, bad JSON, missing or empty video members, undecodable videos, clips
+lacking the task's keys) is skipped, never replaced by zeros, and counted per reason in a `SkipCounter` (warnings
+name shard + key). A stream raises when nothing valid remains: `max_consecutive_failures` failures in a row, or a
+whole pass over the shards without one usable sample.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import re
+import tarfile
+import zlib
+from collections import Counter, OrderedDict, defaultdict, deque
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .video import VideoDecodeError, decode_clip, decode_windows, sliding_windows, window_iou
+
+log = logging.getLogger(__name__)
+
+TASKS = ("caption", "detailed_caption", "qa", "retrieval", "localisation", "matching")
+# Prompt templates of the generative tasks (the model appends the target after the prompt).
+CAPTION_PROMPT = "Describe the video briefly."
+DETAILED_CAPTION_PROMPT = "Describe the video in detail."
+QA_PROMPT = "Question: {question} Answer:"
+# The text fields of each task's batch (each also gets `{field}_ids` when collate is given a tokenizer).
+TEXT_FIELDS = {"caption": ("prompt", "target"), "detailed_caption": ("prompt", "target"), "qa": ("prompt", "target"),
+               "retrieval": ("text",), "localisation": ("text",), "matching": ("text",)}
+_STOPWORDS = frozenset("the and with from into onto near are was were its this that then than over under on in of "
+                       "at to by for".split())
+
+
+@dataclass
+class DataCfg:
+    # Shards: "dir/shard-{000000..000009}.tar" | ["a.tar", "b-*.tar"] | [{pattern: ..., weight: 2.0}, ...]. A
+    # source's weight is its share of shard draws in the resampled training stream.
+    train_shards: Any = None
+    val_shards: Any = None
+    test_shards: Any = None
+    video_ext: str = "mp4"  # video member; a sample without it may name another in its JSON `video_ext`
+    num_frames: int = 8
+    frame_size: Optional[int] = None  # resize decoded frames to frame_size^2 (None: native size)
+    seek: bool = True  # False decodes every frame up to the last target (same frames; for checks / benchmarks)
+    num_workers: int = 0
+    pin_memory: bool = False
+    shuffle_buffer: int = 500  # plans (metadata only) mixed across shards
+    seed: int = 0
+    # Localisation: candidate windows slide at these fractions of the duration, `window_stride` x their length
+    # apart; negatives have IoU < window_negative_iou with the ground truth.
+    window_scales: List[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5])
+    window_stride: float = 0.5
+    num_window_negatives: int = 7
+    window_negative_iou: float = 0.2
+    # Matching: a negative text is a caption of one of the last `matching_buffer` clips of the stream, preferably
+    # one sharing a content word with the clip's own caption; about `matching_negative_fraction` are negatives.
+    matching_buffer: int = 32
+    matching_negative_fraction: float = 0.5
+    max_consecutive_failures: int = 1000
+
+
+def check_cfg(cfg: DataCfg) -> None:
+    rules = {"num_frames": cfg.num_frames >= 1, "frame_size": cfg.frame_size is None or cfg.frame_size >= 1,
+             "num_workers": cfg.num_workers >= 0, "shuffle_buffer": cfg.shuffle_buffer >= 0,
+             "window_scales": len(cfg.window_scales) > 0 and all(0 < s <= 1 for s in cfg.window_scales),
+             "window_stride": cfg.window_stride > 0, "num_window_negatives": cfg.num_window_negatives >= 1,
+             "matching_buffer": cfg.matching_buffer >= 1,
+             "matching_negative_fraction": 0 <= cfg.matching_negative_fraction <= 1,
+             "max_consecutive_failures": cfg.max_consecutive_failures >= 1}
+    bad = [f"{name}={getattr(cfg, name)!r}" for name, ok in rules.items() if not ok]
+    if bad:
+        raise ValueError(f"DataCfg: invalid {', '.join(bad)} (see the comments on DataCfg for valid values)")
+
+
+# ---------------------------------------------------------------------------------------------------------- shards
+
+def expand_braces(pattern: str) -> list[str]:
+    """`a-{000..002}.tar` -> a-000.tar a-001.tar a-002.tar (zero padding kept); `{x,y}` lists; several groups."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    head, body, tail = pattern[:m.start()], m.group(1), pattern[m.end():]
+    rng = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
+    if rng:
+        a, b = rng.groups()
+        padded = any(len(x.lstrip("-")) > 1 and x.lstrip("-").startswith("0") for x in (a, b))
+        width = max(len(a), len(b)) if padded else 0
+        step = 1 if int(b) >= int(a) else -1
+        items = [str(i).zfill(width) for i in range(int(a), int(b) + step, step)]
+    elif "," in body:
+        items = body.split(",")
+    else:  # neither a range nor a list: a literal brace pair
+        return [head + "{" + body + "}" + t for t in expand_braces(tail)]
+    return [head + item + t for item in items for t in expand_braces(tail)]
+
+
+def expand_shards(patterns: str | Sequence[str], key: str | None = None) -> list[str]:
+    """Shard paths of one or several patterns (braces, then globs), in pattern order. A pattern that matches no file
+    raises ValueError naming it (and the config key)."""
+    where = f" (config key {key!r})" if key else ""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    if not patterns:
+        raise ValueError(f"no shard pattern given{where}")
+    out: list[str] = []
+    for pattern in patterns:
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"shard pattern must be a non-empty string, got {pattern!r}{where}")
+        for p in expand_braces(os.path.expanduser(pattern)):
+            if glob.has_magic(p):
+                found = sorted(glob.glob(p))
+                if not found:
+                    raise ValueError(f"shard pattern {pattern!r}{where} matches no file ({p!r})")
+                out.extend(found)
+            elif os.path.isfile(p):
+                out.append(p)
+            else:
+                raise ValueError(f"shard pattern {pattern!r}{where} matches no file ({p!r} does not exist)")
+    return out
+
+
+def parse_sources(spec: Any, key: str = "train_shards") -> list[tuple[list[str], float]]:
+    """A shards config value -> [(shard paths, weight)], one entry per source."""
+    if spec is None or (isinstance(spec, (str, Sequence)) and len(spec) == 0):
+        raise ValueError(f"{key} is empty: give a shard pattern, a list of them, or a list of {{pattern, weight}}")
+    if isinstance(spec, str):
+        return [(expand_shards(spec, key), 1.0)]
+    if not isinstance(spec, Sequence):
+        raise ValueError(f"{key} must be a pattern string or a list, got {type(spec).__name__}")
+    sources = []
+    for i, item in enumerate(spec):
+        if isinstance(item, str):
+            sources.append((expand_shards(item, f"{key}[{i}]"), 1.0))
+            continue
+        if not isinstance(item, Mapping) or "pattern" not in item or set(item) - {"pattern", "weight"}:
+            raise ValueError(f"{key}[{i}] must be a pattern or a mapping with keys pattern, weight; got {item!r}")
+        weight = float(item.get("weight", 1.0))
+        if not weight > 0:
+            raise ValueError(f"{key}[{i}].weight must be > 0, got {weight}")
+        pattern = item["pattern"]
+        sources.append((expand_shards(pattern if isinstance(pattern, str) else list(pattern), f"{key}[{i}]"), weight))
+    return sources
+
+
+class SkipCounter:
+    """Skipped samples per reason. Warns with shard + key for the first few of each reason, then at every power of
+    ten; keeps up to `max_examples` (shard, key, detail) per reason for inspection."""
+
+    def __init__(self, max_examples: int = 100, keep_events: bool = False):
+        self.counts: Counter[str] = Counter()
+        self.examples: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
+        self.max_examples = max_examples
+        self._events: list[tuple[str, str, str, str]] | None = [] if keep_events else None
+
+    def skip(self, reason: str, shard: str, key: str, detail: str = "", warn: bool = True) -> None:
+        self.counts[reason] += 1
+        n = self.counts[reason]
+        if len(self.examples[reason]) < self.max_examples:
+            self.examples[reason].append((shard, key, detail))
+        if self._events is not None:
+            self._events.append((reason, shard, key, detail))
+        if warn and (n <= 5 or str(n).rstrip("0") == "1"):
+            log.warning("skipped %s: key %r in shard %s%s (%d so far)", reason, key, shard,
+                        f": {detail}" if detail else "", n)
+
+    def absorb(self, events: Sequence[Sequence[str]]) -> None:
+        for reason, shard, key, detail in events:
+            self.skip(reason, shard, key, detail, warn=False)
+
+    def drain(self) -> list[tuple[str, str, str, str]]:
+        events, self._events = self._events or [], []
+        return events
+
+    @property
+    def has_events(self) -> bool:
+        return bool(self._events)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        return ", ".join(f"{r}: {n}" for r, n in sorted(self.counts.items())) or "nothing skipped"
+
+
+@dataclass
+class IndexedSample:
+    shard: str
+    key: str
+    members: dict[str, tuple[int, int]]  # extension -> (data offset in the tar, size)
+    meta: Optional[dict] = None  # the parsed `json` member (None when the sample has none)
+
+
+def read_shard_index(path: str, skips: SkipCounter | None = None) -> list[IndexedSample]:
+    """The samples of one tar, in member order: members by extension (offset, size) and the parsed JSON; video
+    bytes are not read. Truncated members, bad JSON and unreadable tars are skipped and counted."""
+    skips = skips if skips is not None else SkipCounter()
+    samples: dict[str, IndexedSample] = {}
+    bad: dict[str, tuple[str, str]] = {}
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            with tarfile.open(fileobj=f, mode="r:") as tar:
+                try:
+                    for m in tar:
+                        base = os.path.basename(m.name)
+                        if not m.isfile() or "." not in base or base.startswith("."):
+                            continue
+                        stem, ext = base.split(".", 1)
+                        key = os.path.join(os.path.dirname(m.name), stem)
+                        sample = samples.setdefault(key, IndexedSample(path, key, {}))
+                        if m.offset_data + m.size > size:
+                            bad[key] = ("truncated tar", f"member {m.name} ends past the end of the file")
+                            break
+                        sample.members[ext.lower()] = (m.offset_data, m.size)
+                except (tarfile.TarError, EOFError) as e:
+                    last = next(reversed(samples), "")
+                    bad.setdefault(last, ("truncated tar", f"tar ends inside a header: {e}"))
+            for key, sample in samples.items():
+                if key in bad or "json" not in sample.members:
+                    continue
+                offset, n = sample.members["json"]
+                f.seek(offset)
+                try:
+                    meta = json.loads(f.read(n))
+                except (ValueError, UnicodeDecodeError) as e:
+                    bad[key] = ("bad json", str(e)[:200])
+                    continue
+                if not isinstance(meta, dict):
+                    bad[key] = ("bad json", f"top level is {type(meta).__name__}, not an object")
+                    continue
+                sample.meta = meta
+    except (OSError, tarfile.TarError) as e:
+        skips.skip("unreadable shard", path, "", str(e)[:200])
+        return []
+    for key, (reason, detail) in bad.items():
+        skips.skip(reason, path, key, detail)
+    return [s for k, s in samples.items() if k not in bad]
+
+
+class _ShardReader:
+    """Reads members by offset, keeping a few shard files open (a shuffle buffer mixes a handful of shards)."""
+
+    def __init__(self, max_open: int = 8):
+        self.files: OrderedDict[str, Any] = OrderedDict()
+        self.max_open = max_open
+
+    def read(self, shard: str, location: tuple[int, int]) -> bytes:
+        f = self.files.pop(shard, None) or open(shard, "rb")
+        self.files[shard] = f
+        if len(self.files) > self.max_open:
+            self.files.popitem(last=False)[1].close()
+        offset, size = location
+        f.seek(offset)
+        data = f.read(size)
+        if len(data) != size:
+            raise OSError(f"short read: {len(data)} of {size} bytes at offset {offset}")
+        return data
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files.clear()
+
+
+def _video_member(sample: IndexedSample, ext: str) -> str | None:
+    if ext in sample.members:
+        return ext
+    other = (sample.meta or {}).get("video_ext")
+    return other if isinstance(other, str) and other in sample.members else None
+
+
+def _usable_video(sample: IndexedSample, ext: str, skips: SkipCounter) -> str | None:
+    member = _video_member(sample, ext)
+    if member is None:
+        skips.skip("missing video", sample.shard, sample.key, f"no .{ext} member")
+    elif sample.members[member][1] == 0:
+        skips.skip("empty video", sample.shard, sample.key, f".{member} has 0 bytes")
+        member = None
+    return member
+
+
+def iter_samples(shards: str | Sequence[str], *, rank: int = 0, world_size: int = 1,
+                 skips: SkipCounter | None = None) -> Iterator[dict]:
+    """Raw samples of any layout, in order, each once, sample i of the pass on rank i % world_size: dicts with
+    `__key__`, `__shard__`, `json` (parsed) and the bytes of every other member by extension (`mp4`, `src.mp4`, ...)."""
+    skips = skips if skips is not None else SkipCounter()
+    reader, i = _ShardReader(), 0
+    try:
+        for shard in expand_shards(shards):
+            for s in read_shard_index(shard, skips if rank == 0 else SkipCounter()):
+                i += 1
+                if (i - 1) % world_size != rank:
+                    continue
+                out = {"__key__": s.key, "__shard__": s.shard}
+                if s.meta is not None:
+                    out["json"] = s.meta
+                try:
+                    out.update({ext: reader.read(s.shard, loc) for ext, loc in s.members.items() if ext != "json"})
+                except OSError as e:
+                    skips.skip("truncated tar", s.shard, s.key, str(e))
+                    continue
+                yield out
+    finally:
+        reader.close()
+
+
+class ClipStore:
+    """Clips by key across shards (evaluation: decode a localisation window, fetch a composed-retrieval target)."""
+
+    def __init__(self, shards: str | Sequence[str], skips: SkipCounter | None = None):
+        self.skips = skips if skips is not None else SkipCounter()
+        self.index: dict[str, IndexedSample] = {}
+        for shard in expand_shards(shards):
+            for s in read_shard_index(shard, self.skips):
+                if s.key in self.index:
+                    self.skips.skip("duplicate key", shard, s.key, f"first seen in {self.index[s.key].shard}")
+                else:
+                    self.index[s.key] = s
+        self._reader = _ShardReader()
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.index
+
+    def meta(self, key: str) -> dict:
+        return self.index[key].meta or {}
+
+    def read(self, key: str, ext: str = "mp4") -> bytes:
+        s = self.index[key]
+        if ext not in s.members:
+            raise KeyError(f"clip {key!r} ({s.shard}) has no .{ext} member (has {sorted(s.members)})")
+        return self._reader.read(s.shard, s.members[ext])
+
+
+# ----------------------------------------------------------------------------------------------------- task builders
+
+def group_id(key: str) -> int:
+    """A stable 63-bit id of a clip key: equal across workers, ranks and runs (Python's hash() is not)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
+
+
+class _Unusable(Exception):
+    """A clip cannot serve the task (counted under `reason`)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def _captions(meta: dict) -> list[str]:
+    """`captions` when present (multi-caption datasets), else [`caption`]."""
+    caps = meta.get("captions")
+    if isinstance(caps, list):
+        caps = [c for c in caps if isinstance(c, str) and c.strip()]
+        if caps:
+            return caps
+    cap = meta.get("caption")
+    if not isinstance(cap, str) or not cap.strip():
+        raise _Unusable("missing key", "no 'caption'")
+    return [cap]
+
+
+def _content_words(text: str) -> frozenset[str]:
+    return frozenset(w for w in re.findall(r"[a-z0-9]+", text.lower()) if len(w) > 2 and w not in _STOPWORDS)
+
+
+@dataclass
+class Plan:
+    """Everything about one training example except its pixels."""
+
+    key: str
+    shard: str
+    video: tuple[int, int]  # (offset, size) of the video member
+    fields: dict  # the example's texts / labels (see `collate`)
+    seed: int  # frame-sampling seed of the realise stage
+    windows: Optional[np.ndarray] = None  # localisation: distinct windows (U, 2) to decode
+    window_index: Optional[np.ndarray] = None  # localisation: (W,) row of `windows` each slot shows
+
+
+class _Planner:
+    """Task builders: one indexed clip -> a Plan, or None (skipped and counted). Uses only the stream's RNG."""
+
+    def __init__(self, task: str, cfg: DataCfg):
+        self.task, self.cfg = task, cfg
+        self.recent: deque = deque(maxlen=cfg.matching_buffer)  # (key, captions, normalised captions, words)
+
+    def __call__(self, s: IndexedSample, rng: np.random.Generator, skips: SkipCounter) -> Plan | None:
+        member = _usable_video(s, self.cfg.video_ext, skips)
+        if member is None:
+            return None
+        meta = s.meta
+        if meta is None:
+            skips.skip("missing key", s.shard, s.key, "no .json member")
+            return None
+        try:
+            made = getattr(self, "_" + self.task)(meta, rng, s.key)
+        except _Unusable as e:
+            skips.skip(e.reason, s.shard, s.key, e.detail)
+            return None
+        fields, windows, index = made if isinstance(made, tuple) else (made, None, None)
+        if isinstance(meta.get("complexity"), int):
+            fields["complexity"] = meta["complexity"]
+        return Plan(s.key, s.shard, s.members[member], fields, int(rng.integers(2**63)), windows, index)
+
+    # Each builder returns the example's fields or raises _Unusable.
+    def _caption(self, meta, rng, key):
+        caps = _captions(meta)
+        return {"prompt": CAPTION_PROMPT, "target": caps[rng.integers(len(caps))]}
+
+    def _detailed_caption(self, meta, rng, key):
+        text = meta.get("detailed_caption")
+        if not isinstance(text, str) or not text.strip():
+            raise _Unusable("missing key", "no 'detailed_caption'")
+        return {"prompt": DETAILED_CAPTION_PROMPT, "target": text}
+
+    def _qa(self, meta, rng, key):
+        pairs = meta.get("qa")
+        if not isinstance(pairs, list) or not pairs:
+            raise _Unusable("missing key", "no 'qa'")
+        pairs = [p for p in pairs if isinstance(p, dict) and isinstance(p.get("question"), str)
+                 and isinstance(p.get("answer"), (str, int, float)) and str(p["answer"]).strip()]
+        if not pairs:
+            raise _Unusable("bad annotation", "'qa' has no {question, answer} pair")
+        pair = pairs[rng.integers(len(pairs))]
+        return {"prompt": QA_PROMPT.format(question=pair["question"].strip()), "target": str(pair["answer"])}
+
+    def _retrieval(self, meta, rng, key):
+        caps = _captions(meta)
+        return {"text": caps[rng.integers(len(caps))], "group": group_id(key)}
+
+    def _matching(self, meta, rng, key):
+        caps = _captions(meta)
+        own = caps[rng.integers(len(caps))]
+        normalised = frozenset(" ".join(c.lower().split()) for c in caps)
+        others = [r for r in self.recent if r[0] != key and not (r[2] & normalised)]
+        text, label = own, 1.0
+        if others and rng.random() < self.cfg.matching_negative_fraction:
+            # Hard negatives: the more content words a recent clip's captions share with ours, the likelier it is
+            # drawn (a clip sharing none keeps a small chance).
+            words = _content_words(own)
+            weight = np.array([len(r[3] & words) + 0.1 for r in others])
+            other = others[rng.choice(len(others), p=weight / weight.sum())]
+            text, label = other[1][rng.integers(len(other[1]))], 0.0
+        self.recent.append((key, caps, normalised, frozenset().union(*map(_content_words, caps))))
+        return {"text": text, "label": label}
+
+    def _localisation(self, meta, rng, key):
+        cfg = self.cfg
+        duration, events = meta.get("duration"), meta.get("events")
+        if not isinstance(duration, (int, float)) or duration <= 0:
+            raise _Unusable("missing key", "no 'duration'")
+        if not isinstance(events, list) or not events:
+            raise _Unusable("missing key", "no 'events'")
+        candidates = sliding_windows(float(duration), cfg.window_scales, cfg.window_stride)
+        options = []
+        for e in events:
+            if not (isinstance(e, dict) and isinstance(e.get("text"), str) and e["text"].strip()
+                    and isinstance(e.get("start"), (int, float)) and isinstance(e.get("end"), (int, float))):
+                continue
+            gt = (max(float(e["start"]), 0.0), min(float(e["end"]), float(duration)))
+            if gt[1] <= gt[0]:
+                continue
+            ious = window_iou(candidates, gt)
+            negatives = np.flatnonzero(ious < cfg.window_negative_iou - 1e-6)  # IoU exactly at the bound is not < it
+            if len(negatives):
+                options.append((e["text"], gt, ious, negatives))
+        if not options:
+            raise _Unusable("no negative window", f"no event has a window with IoU < {cfg.window_negative_iou}")
+        text, gt, ious, negatives = options[rng.integers(len(options))]
+        k = min(cfg.num_window_negatives, len(negatives))
+        chosen = rng.choice(negatives, size=k, replace=False)
+        windows = np.concatenate([np.array([gt]), candidates[chosen]])
+        # Fewer negatives than asked: repeat them so every example has 1 + num_window_negatives slots, and mark the
+        # repeats in `window_mask` so a loss can ignore them.
+        index = np.array(list(range(k + 1)) + [1 + i % k for i in range(cfg.num_window_negatives - k)])
+        all_ious = np.concatenate([[1.0], ious[chosen]])
+        fields = {"text": text, "windows": windows[index].astype(np.float32),
+                  "ious": all_ious[index].astype(np.float32),
+                  "window_mask": np.arange(len(index)) <= k}
+        return fields, windows, index
+
+
+def _realise(plan: Plan, data: bytes, cfg: DataCfg) -> dict:
+    """Decode the planned frames: the whole clip, or each localisation window (one seeking pass over the file)."""
+    rng = np.random.default_rng(plan.seed)
+    if plan.windows is None:
+        frames, times = decode_clip(data, cfg.num_frames, rng=rng, size=cfg.frame_size, seek=cfg.seek)
+    else:
+        frames, times = decode_windows(data, plan.windows, cfg.num_frames, rng=rng, size=cfg.frame_size,
+                                       seek=cfg.seek)
+        frames, times = frames[plan.window_index], times[plan.window_index]
+    return {"key": plan.key, "frames": frames, "times": times, **plan.fields}
+
+
+# --------------------------------------------------------------------------------------------------------- collate
+
+def collate(examples: Sequence[dict], task: str, tokenizer=None) -> dict:
+    """Examples -> one batch (B examples; localisation has W windows of T frames each):
+
+    task str; keys list[str]; frames uint8 (B, T, H, W, 3) (localisation (B, W, T, H, W, 3)); times float32 (B, T)
+    (localisation (B, W, T)) seconds of the frames shown; texts as list[str]: prompt + target (caption,
+    detailed_caption, qa) or text (retrieval, localisation, matching); group int64 (B,) (retrieval: equal for
+    texts of the same clip); label float32 (B,) (matching: 1 = the clip's own caption); windows float32 (B, W, 2)
+    seconds, ious float32 (B, W), window_mask bool (B, W) (localisation: index 0 is the ground truth, False marks
+    repeated negatives); complexity int64 (B,) when any example has it (-1 where missing). With a tokenizer, also
+    `{field}_ids` list[list[int]] for each text field, without special tokens.
+    """
+    if task not in TEXT_FIELDS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    if not examples:
+        raise ValueError("collate needs at least one example")
+    keys = [e["key"] for e in examples]
+    shapes = {e["frames"].shape for e in examples}
+    if len(shapes) > 1:
+        sizes = ", ".join(f"{k}: {e['frames'].shape[-3]}x{e['frames'].shape[-2]}" for k, e in zip(keys, examples))
+        raise ValueError(f"frames of different sizes in one batch ({sizes}); set DataCfg.frame_size to resize them")
+    batch = {"task": task, "keys": keys,
+             "frames": torch.from_numpy(np.stack([e["frames"] for e in examples])),
+             "times": torch.from_numpy(np.stack([e["times"] for e in examples]).astype(np.float32))}
+    for name in TEXT_FIELDS[task]:
+        batch[name] = [e[name] for e in examples]
+    if task == "retrieval":
+        batch["group"] = torch.tensor([e["group"] for e in examples], dtype=torch.int64)
+    if task == "matching":
+        batch["label"] = torch.tensor([e["label"] for e in examples], dtype=torch.float32)
+    if task == "localisation":
+        for name in ("windows", "ious", "window_mask"):
+            batch[name] = torch.from_numpy(np.stack([e[name] for e in examples]))
+    if any("complexity" in e for e in examples):
+        batch["complexity"] = torch.tensor([e.get("complexity", -1) for e in examples], dtype=torch.int64)
+    if tokenizer is not None:
+        for name in TEXT_FIELDS[task]:
+            # One string at a time: batch encoding starts the tokenizer's thread pool, which breaks under fork.
+            batch[name + "_ids"] = [tokenizer.encode(t, add_special_tokens=False) for t in batch[name]]
+    return batch
+
+
+# --------------------------------------------------------------------------------------------------------- streams
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+class TrainBatches(IterableDataset):
+    """The resampled training stream of one task: this rank's rows of each global batch (see the module
+    docstring for the contract)."""
+
+    def __init__(self, cfg: DataCfg, task: str, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 start_step: int = 0, tokenizer=None, seed: int | None = None):
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+        if batch_size < 1 or start_step < 0 or not 0 <= rank < world_size or batch_size % world_size:
+            raise ValueError(f"need batch_size >= 1 divisible by world_size, 0 <= rank < world_size, start_step >= 0;"
+                             f" got batch_size {batch_size}, rank {rank}, world_size {world_size}, start_step "
+                             f"{start_step}")
+        check_cfg(cfg)
+        self.cfg, self.task, self.batch_size, self.start_step = cfg, task, batch_size, start_step
+        self.rows = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
+        self.tokenizer, self.seed = tokenizer, cfg.seed if seed is None else seed
+        self.sources = parse_sources(cfg.train_shards, "train_shards")
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, num_workers = _worker()
+        stream = (worker + self.start_step) % num_workers
+        first = max(0, -(-(self.start_step - stream) // num_workers))  # first j with j*W + stream >= start_step
+        yield from self.batches(stream, first)
+
+    def batches(self, stream: int, first: int = 0) -> Iterator[dict]:
+        """This rank's rows of global batches first, first + 1, ... of logical stream `stream`, each a collated
+        dict plus `skipped` (the skip events since the previous batch: (reason, shard, key, detail))."""
+        cfg, size, rows = self.cfg, self.batch_size, self.rows
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, stream, zlib.crc32(self.task.encode())]))
+        skips, reader = SkipCounter(keep_events=True), _ShardReader()
+        plans, failures = self._plans(rng, skips), [0]
+
+        def realise(plan: Plan) -> dict | None:
+            try:
+                example = _realise(plan, reader.read(plan.shard, plan.video), cfg)
+                failures[0] = 0
+                return example
+            except (VideoDecodeError, OSError) as e:
+                skips.skip("undecodable video", plan.shard, plan.key, str(e)[:200])
+                failures[0] += 1
+                if failures[0] >= cfg.max_consecutive_failures:
+                    raise RuntimeError(f"{failures[0]} videos in a row failed to decode (task {self.task}; "
+                                       f"skipped so far: {skips.summary()})") from e
+                return None
+
+        try:
+            for _ in range(first * size):
+                next(plans)
+            while True:
+                chunk = [next(plans) for _ in range(size)]
+                mine = list(range(size))[rows]
+                examples = {i: realise(chunk[i]) for i in mine}
+                if not any(examples.values()):
+                    # Every clip of our rows failed: borrow the nearest decodable clip of the other ranks' rows.
+                    for i in sorted(set(range(size)) - set(mine), key=lambda j: (min(abs(j - m) for m in mine), j)):
+                        examples[i] = realise(chunk[i])
+                        if examples[i] is not None:
+                            break
+                good = [i for i, e in examples.items() if e is not None]
+                if not good:
+                    log.warning("every clip of a %s batch failed to decode; drawing new ones shifts the rest of "
+                                "stream %d, so resuming past this point is no longer exact", self.task, stream)
+                    continue
+                batch = collate([examples[i] if examples[i] is not None
+                                 else examples[min(good, key=lambda j: (abs(j - i), j))] for i in mine],
+                                self.task, self.tokenizer)
+                batch["skipped"] = skips.drain()
+                yield batch
+        finally:
+            plans.close()
+            reader.close()
+
+    def _plans(self, rng: np.random.Generator, skips: SkipCounter) -> Iterator[Plan]:
+        cfg, planner = self.cfg, _Planner(self.task, self.cfg)
+        weights = np.array([w for _, w in self.sources])
+        all_shards = {s for shards, _ in self.sources for s in shards}
+        buffer: list[Plan] = []
+        seen, accepted, failures = set(), 0, 0
+        while True:
+            shards = self.sources[rng.choice(len(self.sources), p=weights / weights.sum())][0]
+            shard = shards[rng.integers(len(shards))]
+            before = skips.total
+            index = read_shard_index(shard, skips)
+            failures += skips.total - before
+            seen.add(shard)
+            for i in rng.permutation(len(index)):
+                plan = planner(index[i], rng, skips)
+                if plan is None:
+                    failures += 1
+                    continue
+                failures, accepted = 0, accepted + 1
+                if len(buffer) < cfg.shuffle_buffer:
+                    buffer.append(plan)
+                    continue
+                if buffer:
+                    j = rng.integers(len(buffer))
+                    plan, buffer[j] = buffer[j], plan
+                yield plan
+            if failures >= cfg.max_consecutive_failures:
+                raise RuntimeError(f"no usable {self.task} sample in the last {failures} candidates; "
+                                   f"skipped so far: {skips.summary()}")
+            if accepted == 0 and seen >= all_shards:
+                raise RuntimeError(f"a whole pass over {len(all_shards)} shards gave no usable {self.task} "
+                                   f"sample; skipped: {skips.summary()}")
+
+
+class EvalClips(IterableDataset):
+    """One ordered pass over evaluation shards: batches of clips with frames at segment centres."""
+
+    def __init__(self, shards: str | Sequence[str], num_frames: int, *, rank: int = 0, world_size: int = 1,
+                 batch_size: int = 8, frame_size: int | None = None, video_ext: str = "mp4", seek: bool = True):
+        if not 0 <= rank < world_size or batch_size < 1 or num_frames < 1:
+            raise ValueError(f"need 0 <= rank < world_size, batch_size >= 1, num_frames >= 1; got rank {rank}, "
+                             f"world_size {world_size}, batch_size {batch_size}, num_frames {num_frames}")
+        self.shards = expand_shards(shards)
+        self.num_frames, self.rank, self.world_size, self.batch_size = num_frames, rank, world_size, batch_size
+        self.frame_size, self.video_ext, self.seek = frame_size, video_ext, seek
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, num_workers = _worker()
+        skips, reader = SkipCounter(keep_events=True), _ShardReader()
+        # Index-level problems are seen by every worker of every rank; one of them reports them.
+        index_skips = skips if (self.rank == 0 and worker == 0) else SkipCounter()
+        position, mine = 0, []
+        try:
+            for shard in self.shards:
+                for s in read_shard_index(shard, index_skips):
+                    member = _usable_video(s, self.video_ext, index_skips)
+                    if member is None:
+                        continue
+                    b, position = position // self.batch_size, position + 1
+                    if b % self.world_size == self.rank and (b // self.world_size) % num_workers == worker:
+                        mine.append((s, member))
+                    if position % self.batch_size == 0 and mine:
+                        yield self._batch(mine, reader, skips)
+                        mine = []
+            if mine or skips.has_events:
+                yield self._batch(mine, reader, skips)
+        finally:
+            reader.close()
+
+    def _batch(self, items: list, reader: _ShardReader, skips: SkipCounter) -> dict:
+        keys, frames, times, metas = [], [], [], []
+        for s, member in items:
+            try:
+                f, t = decode_clip(reader.read(s.shard, s.members[member]), self.num_frames, size=self.frame_size,
+                                   seek=self.seek)
+            except (VideoDecodeError, OSError) as e:
+                skips.skip("undecodable video", s.shard, s.key, str(e)[:200])
+                continue
+            keys.append(s.key)
+            frames.append(f)
+            times.append(t)
+            metas.append(s.meta or {})
+        if len({f.shape for f in frames}) > 1:
+            sizes = ", ".join(f"{k}: {f.shape[1]}x{f.shape[2]}" for k, f in zip(keys, frames))
+            raise ValueError(f"frames of different sizes in one batch ({sizes}); pass frame_size to resize them")
+        # An empty batch (every clip failed) still goes out, carrying its skip events, so the DataLoader's
+        # round-robin order stays aligned; BatchLoader drops it.
+        return {"keys": keys,
+                "frames": torch.from_numpy(np.stack(frames)) if frames else torch.zeros(0, dtype=torch.uint8),
+                "times": torch.from_numpy(np.stack(times).astype(np.float32)) if times else torch.zeros(0),
+                "meta": metas, "skipped": skips.drain()}
+
+
+def _identity(batch):
+    return batch
+
+
+class BatchLoader:
+    """An iterable of batches from a DataLoader over a stream (batch_size None: workers yield whole batches).
+    Collects the workers' skip events in `skips` and removes them (and empty evaluation batches) from the batches."""
+
+    def __init__(self, dataset: IterableDataset, num_workers: int = 0, pin_memory: bool = False):
+        self.dataset, self.skips = dataset, SkipCounter()
+        self.dataloader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                                     collate_fn=_identity)
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.dataloader:
+            self.skips.absorb(batch.pop("skipped", ()))
+            if batch["keys"]:
+                yield batch
+
+
+def make_train_loader(cfg: DataCfg, task: str, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                      start_step: int = 0, tokenizer=None, seed: int | None = None) -> BatchLoader:
+    """Infinite resampled batches of `task`, starting at global batch `start_step` (resume). `batch_size` is the
+    global batch size: this rank gets rows [rank * n, (rank + 1) * n) of each global batch, n = batch_size //
+    world_size, and decodes only those. Batch format: `collate`; resume contract: the module docstring."""
+    dataset = TrainBatches(cfg, task, batch_size, rank=rank, world_size=world_size, start_step=start_step,
+                           tokenizer=tokenizer, seed=seed)
+    return BatchLoader(dataset, cfg.num_workers, cfg.pin_memory)
+
+
+def iter_eval_clips(shards: str | Sequence[str], num_frames: int, *, rank: int = 0, world_size: int = 1,
+                    batch_size: int = 8, num_workers: int = 0, frame_size: int | None = None,
+                    video_ext: str = "mp4", seek: bool = True) -> BatchLoader:
+    """One ordered pass per iteration over evaluation clips. Batches: keys list[str]; frames uint8 (B, T, H, W, 3)
+    at segment centres; times float32 (B, T) seconds; meta list[dict] (the clips' JSON). The last batch of a rank
+    may be smaller, and ranks may differ by one batch."""
+    dataset = EvalClips(shards, num_frames, rank=rank, world_size=world_size, batch_size=batch_size,
+                        frame_size=frame_size, video_ext=video_ext, seek=seek)
+    return BatchLoader(dataset, num_workers)

@@ -1,0 +1,185 @@
+"""Losses: next-token (LM), contrastive (InfoNCE, gathered across ranks), window-contrastive localisation, matching
+(BCE) and halting supervision for adaptive-length embeddings.
+
+Which embedding the contrastive losses train: the embedding pooled from the first t steps is what inference returns
+when a sample stops at step t, so every prefix length must be a usable embedding. With `embed_steps: all` (default)
+the contrastive loss is the mean over t = min..K of the InfoNCE of the step-t embeddings; `last` trains step K only.
+
+Halting (the paper does not say how EOS is learned; ours): the stop target of step t is 1 when the embedding pooled
+from steps 1..t already ranks its paired text first in the batch by at least `margin` in cosine similarity
+(computed without gradient), else 0. The loss is BCE on the stop logits of steps >= min_embed_tokens plus
+`token_cost` times the expected number of tokens under the model's own stopping rule,
+E[n] = sum_t prod_{s<t} (1 - p_s), which is differentiable in the stop probabilities p_s.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .contrastive import _gather_rows, _gather_sizes, gathered_infonce
+
+
+@dataclass
+class LossCfg:
+    lm: float = 1.0  # captions, detailed captions and QA (next-token prediction)
+    contrastive: float = 1.0  # video-text InfoNCE (symmetric)
+    localisation: float = 1.0  # text vs the ground-truth window and its IoU < 0.2 hard negatives
+    matching: float = 1.0  # video-text matching BCE
+    halting: float = 0.5  # BCE on the stop logits
+    token_cost: float = 0.02  # per expected embedding token
+    halting_margin: float = 0.05  # cosine margin of the "already ranks first" test
+    embed_steps: str = "all"  # "all": contrastive loss averaged over every prefix length; "last": step K only
+
+
+def lm_loss(model, batch) -> torch.Tensor:
+    return model.lm_loss(batch["frames"], batch["prompt"], batch["target"])
+
+
+def _steps(cfg: LossCfg, K: int, min_tokens: int) -> range:
+    if cfg.embed_steps == "all":
+        return range(min_tokens - 1, K)
+    if cfg.embed_steps == "last":
+        return range(K - 1, K)
+    raise ValueError(f"loss.embed_steps: expected 'all' or 'last', got {cfg.embed_steps!r}")
+
+
+def contrastive_loss(cfg: LossCfg, per_step: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+                     min_tokens: int = 1, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """per_step (B, K, D) video embeddings of every prefix length, text (B, D) -> symmetric InfoNCE (gathered)."""
+    steps = _steps(cfg, per_step.shape[1], min_tokens)
+    losses = [gathered_infonce(per_step[:, t], text, logit_scale, groups=groups) for t in steps]
+    return torch.stack(losses).mean()
+
+
+def localisation_loss(cfg: LossCfg, window_per_step: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+                      min_tokens: int = 1, window_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """window_per_step (B, W, K, D): embeddings of W windows per query (index 0 = ground truth, the others IoU < 0.2
+    hard negatives); text (B, D); window_mask (B, W) False for padding windows. Cross-entropy over each query's
+    windows."""
+    steps = _steps(cfg, window_per_step.shape[2], min_tokens)
+    target = torch.zeros(text.shape[0], dtype=torch.long, device=text.device)
+    losses = []
+    for t in steps:
+        logits = logit_scale * torch.einsum("bwd,bd->bw", window_per_step[:, :, t].float(), text.float())
+        if window_mask is not None:
+            logits = logits.masked_fill(~window_mask.to(logits.device), float("-inf"))
+        losses.append(F.cross_entropy(logits, target))
+    return torch.stack(losses).mean()
+
+
+def matching_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float().to(logits.device))
+
+
+@torch.no_grad()
+def halting_targets(per_step: torch.Tensor, text: torch.Tensor, margin: float,
+                    groups: torch.Tensor | None = None) -> torch.Tensor:
+    """per_step (B, K, D), text (B, D) paired row by row -> (B, K) float targets in {0, 1}: 1 where the step-t
+    embedding ranks its own text first among the (global, all ranks') batch's texts by at least `margin` (cosine).
+    Texts of the same group (other captions of the same video) are not competitors."""
+    B = text.shape[0]
+    texts, offset = text.float(), 0
+    all_groups = groups
+    if dist.is_initialized() and dist.get_world_size() > 1:  # rank among the global batch, like the loss does
+        sizes = _gather_sizes(B, text.device)
+        offset = sum(sizes[: dist.get_rank()])
+        texts = _gather_rows(texts.contiguous(), sizes)
+        if groups is not None:
+            all_groups = _gather_rows(groups.contiguous(), sizes)
+    sims = torch.einsum("bkd,nd->bkn", per_step.float(), texts)
+    idx = torch.arange(B, device=text.device)
+    pos = sims[idx, :, idx + offset]  # (B, K)
+    competitor = torch.ones(B, texts.shape[0], dtype=torch.bool, device=text.device)
+    competitor[idx, idx + offset] = False
+    if groups is not None:
+        competitor &= groups[:, None] != all_groups[None, :]
+    if not bool(competitor.any()):
+        return torch.ones_like(pos)
+    neg = sims.masked_fill(~competitor[:, None, :], float("-inf")).amax(-1)
+    return (pos - neg >= margin).float()
+
+
+def expected_tokens(stop_logits: torch.Tensor, min_tokens: int = 1) -> torch.Tensor:
+    """(B, K) stop logits -> (B,) expected number of embedding tokens when stopping at step t with probability p_t
+    (no stop before min_tokens, forced stop at K)."""
+    p = torch.sigmoid(stop_logits.float())
+    K = p.shape[1]
+    t = torch.arange(K, device=p.device)
+    p = torch.where(t[None] < min_tokens - 1, torch.zeros_like(p), p)
+    survive = torch.cumprod(1 - p, dim=1)  # P(n > t + 1)
+    return 1 + survive[:, : K - 1].sum(1)
+
+
+def halting_loss(cfg: LossCfg, stop_logits: torch.Tensor, targets: torch.Tensor, min_tokens: int = 1):
+    """-> (loss, stats). BCE over steps >= min_tokens (the last step included: stopping there is forced, but its
+    target still says whether the full-length embedding is good) + token_cost * E[tokens]."""
+    valid = slice(min_tokens - 1, None)
+    bce = F.binary_cross_entropy_with_logits(stop_logits[:, valid].float(), targets[:, valid])
+    exp_tokens = expected_tokens(stop_logits, min_tokens)
+    loss = cfg.halting * bce + cfg.token_cost * exp_tokens.mean()
+    stats = {"halting_bce": float(bce.detach()), "expected_tokens": float(exp_tokens.detach().mean()),
+             "stop_target_rate": float(targets[:, valid].mean())}
+    return loss, stats
+
+
+def _key_groups(keys: list[str], device) -> torch.Tensor:
+    """Group ids that are equal exactly for equal clip keys, on every rank (they are gathered across ranks)."""
+    from .data import group_id
+
+    return torch.tensor([group_id(k) for k in keys], dtype=torch.long, device=device)
+
+
+def multitask_loss(model, batches: dict[str, dict], cfg: LossCfg) -> tuple[torch.Tensor, dict[str, float]]:
+    """One batch per task -> (weighted total, components). Which losses each task feeds:
+    caption / detailed_caption: LM + contrastive (+ halting) against the target caption; qa: LM;
+    retrieval: contrastive (+ halting); localisation: window-contrastive; matching: BCE."""
+    e = model.cfg.embed
+    kmin, scale = e.min_embed_tokens, model.logit_scale.exp()
+    total = model.logit_scale.new_zeros(())
+    comps: dict[str, float] = {}
+    samples = tokens = 0
+
+    def add(name, weight, value):
+        nonlocal total
+        total = total + weight * value
+        comps[name] = float(value.detach())
+
+    def embed_and_contrast(task, b, text, groups, video=None):
+        steps = model.video_embed_steps(b["frames"], video=video)
+        text_emb = model.text_embed_train(text)
+        add(f"contrastive_{task}", cfg.contrastive,
+            contrastive_loss(cfg, steps.per_step, text_emb, scale, kmin, groups=(groups, groups)))
+        if cfg.halting > 0 or cfg.token_cost > 0:
+            targets = halting_targets(steps.per_step, text_emb, cfg.halting_margin, groups)
+            h, stats = halting_loss(cfg, steps.stop_logits, targets, kmin)
+            add(f"halting_{task}", 1.0, h)
+            comps.update({f"{k}_{task}": v for k, v in stats.items()})
+
+    for task, b in batches.items():
+        frames = b["frames"]
+        samples += frames.shape[0]
+        tokens += frames.shape[0] * frames.shape[-4] * model.vision.tokens_per_frame
+        if task in ("caption", "detailed_caption", "qa"):
+            video = model.video_tokens(frames)
+            add(f"lm_{task}", cfg.lm, model.lm_loss(frames, b["prompt"], b["target"], video=video))
+            if task != "qa" and cfg.contrastive > 0:
+                embed_and_contrast(task, b, b["target"], _key_groups(b["keys"], frames.device), video)
+        elif task == "retrieval":
+            embed_and_contrast(task, b, b["text"], b["group"].to(frames.device))
+        elif task == "localisation":
+            B, W = frames.shape[:2]
+            steps = model.video_embed_steps(frames.flatten(0, 1))
+            per_step = steps.per_step.unflatten(0, (B, W))
+            text_emb = model.text_embed_train(b["text"])
+            add("localisation", cfg.localisation,
+                localisation_loss(cfg, per_step, text_emb, scale, kmin, b.get("window_mask")))
+        elif task == "matching":
+            add("matching", cfg.matching, matching_loss(model.match_logits(frames, b["text"]), b["label"]))
+        else:
+            raise ValueError(f"train.tasks: unknown task {task!r}")
+    comps["logit_scale"] = float(scale.detach())
+    comps["samples"], comps["video_tokens"] = samples, tokens
+    return total, comps
