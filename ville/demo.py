@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-STAGE_TASKS = {1: ["retrieval", "long_text", "adaptive"], 2: ["retrieval", "long_text", "adaptive"],
+STAGE_TASKS = {1: ["retrieval", "adaptive"], 2: ["retrieval", "long_text", "adaptive"],
                3: ["retrieval", "rerank", "moment", "qa", "composed", "long_text", "adaptive"]}
 
 
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-test", type=int, default=500)
     ap.add_argument("--num-compositional", type=int, default=300)
     ap.add_argument("--num-composed", type=int, default=200)
-    ap.add_argument("--eval-clips", type=int, default=300, help="clips per evaluated split")
+    ap.add_argument("--eval-clips", type=int, default=200, help="clips per evaluated split")
     ap.add_argument("--train-overrides", nargs="*", default=[], help="extra dotted overrides for every stage")
     args = ap.parse_args(argv)
     t0 = time.time()

@@ -286,7 +286,9 @@ class ViLLE(nn.Module):
 
     # -------------------------------------------------------------------------------------------- inference
     @torch.no_grad()
-    def _adaptive_embed(self, prefixes, stop_threshold, max_embed_tokens, min_embed_tokens) -> EmbedOutput:
+    def _adaptive_embed(self, prefixes, stop_threshold, max_embed_tokens, min_embed_tokens,
+                        stop_schedule: torch.Tensor | None = None) -> EmbedOutput:
+        """`stop_schedule` (B,) forces each sample's stop step (benchmarks and tests of the loop's cost)."""
         e = self.cfg.embed
         K = max_embed_tokens if max_embed_tokens is not None else e.max_embed_tokens
         kmin = min_embed_tokens if min_embed_tokens is not None else e.min_embed_tokens
@@ -309,7 +311,10 @@ class ViLLE(nn.Module):
             live = ~done[act]  # rows kept alive only until the next compaction do not record anything
             states[act[live], t] = h[live]
             stop_probs[act[live], t] = torch.sigmoid(s[live])
-            stopping = live & (s > thr) if t + 1 >= kmin else torch.zeros_like(live)
+            if stop_schedule is not None:
+                stopping = live & (stop_schedule.to(act.device)[act] <= t + 1)
+            else:
+                stopping = live & (s > thr) if t + 1 >= kmin else torch.zeros_like(live)
             num[act[stopping]] = t + 1
             done[act[stopping]] = True
             if t + 1 == K:
@@ -323,13 +328,13 @@ class ViLLE(nn.Module):
         return EmbedOutput(self.head(states, num), num, stop_probs)
 
     def embed_video(self, frames, stop_threshold=None, max_embed_tokens=None, min_embed_tokens=None,
-                    num_tokens: int | None = None) -> EmbedOutput:
+                    num_tokens: int | None = None, _stop_schedule: torch.Tensor | None = None) -> EmbedOutput:
         """Adaptive-length video embedding. `num_tokens=k` is the fixed-length mode (exactly k tokens)."""
         if num_tokens is not None:
             stop_threshold, max_embed_tokens, min_embed_tokens = 2.0, num_tokens, num_tokens
         prompt_ids = self._token_ids([self.cfg.embed.video_prompt] * self.vision.validate(frames), "video_prompt")
         return self._adaptive_embed(self._video_prefixes(frames, prompt_ids), stop_threshold, max_embed_tokens,
-                                    min_embed_tokens)
+                                    min_embed_tokens, _stop_schedule)
 
     def embed_composed(self, frames, edits, stop_threshold=None, max_embed_tokens=None, min_embed_tokens=None,
                        num_tokens: int | None = None) -> EmbedOutput:

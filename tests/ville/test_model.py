@@ -275,3 +275,18 @@ def test_attention_requires_state():
     with pytest.raises(RuntimeError, match="ville_state"):
         model.base_llm().get_decoder()(inputs_embeds=torch.randn(1, 3, model.hidden))
     assert AttnState("full").mode == "full"
+
+
+@pytest.mark.parametrize("compact_every", [1, 2, 10**6], ids=["compact", "compact-every-2", "pad-fill"])
+def test_compacting_loop_equals_pad_fill(family, compact_every):
+    """Forced stop steps 1..K: the compacting loop (finished samples removed) gives the same embeddings and counts
+    as the loop that keeps every row until all stop (Hugging Face generate()'s behaviour)."""
+    model = build(family)
+    fr = frames(5, seed=7)
+    schedule = torch.tensor([1, 6, 3, 2, 6])
+    model.cfg.compact_every = 10**6
+    padfill = model.embed_video(fr, _stop_schedule=schedule)
+    model.cfg.compact_every = compact_every
+    out = model.embed_video(fr, _stop_schedule=schedule)
+    assert out.num_tokens.tolist() == schedule.tolist() == padfill.num_tokens.tolist()
+    torch.testing.assert_close(out.embeddings, padfill.embeddings, rtol=1e-5, atol=1e-5)
