@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 
 .PHONY: venv test demo bench clean
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*)
 	@if [ -z "$(UV)" ]; then python3 -m pip install -q uv; fi
 	@if [ ! -x "$(PY)" ]; then uv venv -q --python 3.11 $(VENV) || uv venv -q $(VENV); fi
 	uv pip install -q --python $(PY) -e ".[dev]"

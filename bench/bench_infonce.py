@@ -4,6 +4,7 @@ Providers
     naive    open_clip's ClipLoss: logits = s * q @ p.T, cross-entropy both ways (materialises N x M)
     chunked  ville_kernels.fused_infonce on its PyTorch path (VILLE_KERNELS=torch): row chunks, O(chunk * M) memory
     triton   ville_kernels.fused_infonce on CUDA (the Triton kernels)
+    csrc     the native CPU kernels (csrc/, ville_kernels._C) through their custom op; CPU only, needs the build
     inf_cl   Inf-CL's cal_flash_loss if the `inf_cl` package is importable; its symmetric loss is two
              one-directional calls (the similarity is computed twice), on fp32 copies of the inputs
 
@@ -16,7 +17,7 @@ FLOP rule: one similarity pass is 2*N*M*D. Forward counts 1 pass (the symmetric 
 counts 4 (forward 1, backward 3: recomputation, dq, dp), whatever a provider actually executes.
 Memory: on CUDA torch.cuda.max_memory_allocated() during the call minus what was allocated before it (inputs);
 on CPU the growth of the process's peak RSS during one call (peak mark reset with /proc/self/clear_refs, then
-ru_maxrss minus the RSS before the call), in a fresh subprocess per provider and size.
+VmHWM minus the RSS before the call), in a fresh subprocess per provider and size.
 """
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # `bench/` is not a package; make `ville_kernels` importable from a source checkout too
 
-from ville_kernels import fused_infonce  # noqa: E402
+from ville_kernels import fused_infonce, native  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -65,6 +65,10 @@ def triton_loss(q, p, s):
     return fused_infonce(q, p, s)
 
 
+def csrc_loss(q, p, s):
+    return native.fused_infonce(q, p, s)
+
+
 def _inf_cl():
     try:
         from inf_cl import cal_flash_loss
@@ -79,7 +83,8 @@ def inf_cl_loss(q, p, s):
     return 0.5 * (cal_flash_loss(q, p, scale=s).mean() + cal_flash_loss(p, q, scale=s).mean())
 
 
-PROVIDERS = {"naive": naive_loss, "chunked": chunked_loss, "triton": triton_loss, "inf_cl": inf_cl_loss}
+PROVIDERS = {"naive": naive_loss, "chunked": chunked_loss, "triton": triton_loss, "csrc": csrc_loss,
+             "inf_cl": inf_cl_loss}
 
 
 def parse_size(text: str) -> int:
@@ -132,7 +137,7 @@ def cuda_peak_mb(fn, q, p, s, backward):
 
 
 CHILD = """
-import json, resource, sys
+import json, sys
 sys.path.insert(0, {repo!r})
 import torch
 torch.set_num_threads({threads})
@@ -163,7 +168,9 @@ def reset_peak_rss():
 
 
 def peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: after exec, ru_maxrss starts at the parent's peak (Linux carries it over), which would
+    # hide this process's own peak whenever the parent's was larger.
+    return _proc_status_mb("VmHWM")
 
 
 def cpu_peak_mb(provider, n, d, dtype):
@@ -245,7 +252,7 @@ def main():
     parser.add_argument("--sizes", default="4k,16k,64k,256k" if cuda else "1k,4k", help="N = M values, e.g. 4k,16k")
     parser.add_argument("--dims", default="512,1024" if cuda else "256", help="D values")
     parser.add_argument("--dtype", default="bf16" if cuda else "fp32", choices=sorted(DTYPES))
-    parser.add_argument("--providers", default="naive,chunked,triton,inf_cl")
+    parser.add_argument("--providers", default="naive,chunked,triton,csrc,inf_cl")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, no memory subprocesses on CPU")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions on CPU (median)")
     args = parser.parse_args()
@@ -261,13 +268,16 @@ def main():
     print("# FLOP rule: 2*N*M*D per similarity pass; fwd = 1 pass (shared by both directions), "
           "fwd+bwd = 4 passes (fwd 1 + bwd 3: recompute, dq, dp)")
     mem_label = "peak MB above inputs (torch.cuda.max_memory_allocated)" if cuda else \
-        "peak-RSS growth MB during the call (clear_refs + ru_maxrss, fresh subprocess per provider/size)"
+        "peak-RSS growth MB during the call (clear_refs + VmHWM, fresh subprocess per provider/size)"
     print(f"# memory: {mem_label}")
 
     providers = []
     for name in args.providers.split(","):
         if name == "triton" and not cuda:
             print("# triton: skipped (CUDA only here; TRITON_INTERPRET=1 runs it on CPU for tests, not for timing)")
+            continue
+        if name == "csrc" and (cuda or not native.LOADED):
+            print(f"# csrc: skipped ({'CPU only' if cuda else 'extension not built: ' + native.LOAD_ERROR})")
             continue
         if name == "inf_cl":
             fn, why = _inf_cl()
@@ -303,8 +313,9 @@ def main():
                     measured = cpu_peak_mb(name, n, d, dtype)
                     mem = [measured["fwd"], measured["fwdbwd"]]
                 (f_ms, f_tf, f_pc), (b_ms, b_tf, b_pc) = cells
-                print(f"| {n} | {d} | {name} | {f_ms:.1f} | {f_tf:.3f} | {f_pc:.0f}% | {mem[0]:.0f} | {b_ms:.1f} "
-                      f"| {b_tf:.3f} | {b_pc:.0f}% | {mem[1]:.0f} |", flush=True)
+                f_mb, b_mb = ("n/a" if mb != mb else f"{mb:.0f}" for mb in mem)  # NaN: not measured
+                print(f"| {n} | {d} | {name} | {f_ms:.1f} | {f_tf:.3f} | {f_pc:.0f}% | {f_mb} | {b_ms:.1f} "
+                      f"| {b_tf:.3f} | {b_pc:.0f}% | {b_mb} |", flush=True)
             del q, p, s
             if cuda:
                 torch.cuda.empty_cache()

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import use_triton
+from . import native
+from .dispatch import use_csrc, use_triton
 
 try:
     import triton
@@ -400,14 +401,18 @@ def decode_attention(q, k_cache, v_cache, cache_lens, batch_idx=None, scale=None
     wherever the cache holds finite values).
     Legend: B active queries, Bc cache rows, Hq/Hkv query/kv heads, Lm cache capacity, D head dim (<= 256).
 
-    Dispatch (dispatch.use_triton): CUDA -> Triton flash-decoding kernels; CPU -> fp32 torch matmuls, or the Triton
+    Dispatch (dispatch.use_triton / use_csrc): CUDA -> Triton flash-decoding kernels; CPU -> the native kernel
+    (csrc, when built; forward only) or fp32 torch matmuls, or the Triton
     kernels through the interpreter when TRITON_INTERPRET=1 was set before triton was first imported (triton 3.9
     reads it at import and when decorating kernels); VILLE_KERNELS=torch forces the torch path.
     Raises ValueError on bad ranks, Hq % Hkv != 0, dtype/device mismatch, bad batch_idx / cache_lens values.
     """
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache))
+    # csrc is forward-only too, and takes no empty batch (the torch path returns it).
+    if not needs_grad and q.shape[0] > 0 and use_csrc(q, k_cache, v_cache, cache_lens):
+        return native.decode_attention(q, k_cache, v_cache, cache_lens, batch_idx, scale, softcap, window, check)
     _check(q, k_cache, v_cache, cache_lens, batch_idx, softcap, window, check)
     # The Triton kernels are forward-only; when autograd needs gradients the differentiable torch path runs instead.
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     softcap = float(softcap) if softcap is not None else None
     window = int(window) if window is not None else None

@@ -1,11 +1,13 @@
 """Which implementation an op runs on a given tensor.
 
-Rule (shared/STYLE.md): CUDA tensors -> Triton; CPU tensors -> the CPU path (chunked PyTorch or csrc), except under
-`TRITON_INTERPRET=1`, where the Triton code itself runs on the CPU so CI can test it.
+Rule (shared/STYLE.md): CUDA tensors -> Triton; CPU tensors -> the CPU path (the native csrc kernels when the
+extension `ville_kernels._C` was built and loads, else chunked PyTorch), except under `TRITON_INTERPRET=1`, where the
+Triton code itself runs on the CPU so CI can test it.
 
 Environment variables read by ville_kernels (README "Environment variables" lists every one the project reads):
 - TRITON_INTERPRET=1   run the Triton kernels on CPU tensors through Triton's interpreter (slow; tests only).
-- VILLE_KERNELS=torch  never use Triton, even on CUDA (debugging / A-B comparisons).
+- VILLE_KERNELS=torch  never use Triton or csrc: the PyTorch paths everywhere (debugging / A-B comparisons).
+- VILLE_NO_EXT=1       at build time: skip compiling csrc; at import: do not load the built extension.
 """
 from __future__ import annotations
 
@@ -35,12 +37,31 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return triton_interpret() and all(t.device.type == "cpu" for t in tensors)
 
 
+def forced_torch() -> bool:
+    return os.environ.get("VILLE_KERNELS", "") == "torch"
+
+
+def use_csrc(*tensors: torch.Tensor) -> bool:
+    """True when the op should run its native CPU kernel (csrc) on these tensors."""
+    if forced_torch() or not all(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tensors):
+        return False  # non-tensors: the op's own checks raise the ValueError
+    if use_triton(*tensors):
+        return False
+    from .native import LOADED  # late: native imports the op modules' launchers lazily, and they import us
+    return LOADED
+
+
 def backends() -> dict[str, dict[str, str]]:
-    """Which backend each op uses on each device, e.g. {"infonce": {"cpu": "torch-chunked", "cuda": "triton"}}."""
-    forced_torch = os.environ.get("VILLE_KERNELS", "") == "torch" or not triton_available()
-    cuda = "torch" if forced_torch else "triton"
-    cpu_triton = triton_interpret() and not forced_torch
-    return {
-        "infonce": {"cpu": "triton-interpret" if cpu_triton else "torch-chunked", "cuda": cuda},
-        "decode_attention": {"cpu": "triton-interpret" if cpu_triton else "torch", "cuda": cuda},
-    }
+    """Which backend each op uses on each device, e.g.
+    {"infonce": {"cpu": "csrc", "cuda": "triton"}, "decode_attention": {"cpu": "csrc", "cuda": "triton"}}.
+    CPU: "triton-interpret" (TRITON_INTERPRET=1), "csrc" (extension loaded) or the PyTorch path."""
+    from .native import LOADED
+    no_triton = forced_torch() or not triton_available()
+    cuda = "torch" if no_triton else "triton"
+    if triton_interpret() and not no_triton:
+        cpu = {"infonce": "triton-interpret", "decode_attention": "triton-interpret"}
+    elif LOADED and not forced_torch():
+        cpu = {"infonce": "csrc", "decode_attention": "csrc"}
+    else:
+        cpu = {"infonce": "torch-chunked", "decode_attention": "torch"}
+    return {op: {"cpu": cpu[op], "cuda": cuda} for op in ("infonce", "decode_attention")}

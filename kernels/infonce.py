@@ -31,7 +31,7 @@ Organisation (why it looks like this):
   once D is in the thousands. The positive pair's entry of G is minus that mass (softmax - 1 = -sum of the others):
   the host adds it in fp32, outside the low-precision tile G, and because it is summed from the very probabilities
   the negatives used, every row and column of G sums to zero as it should.
-Block sizes below are educated defaults, not tuned on hardware yet.
+Block sizes (`_block_sizes`) were chosen to compile for sm_90 without register spills; they are not tuned on hardware.
 """
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .dispatch import use_triton
+from . import native
+from .dispatch import use_csrc, use_triton
 from .infonce_ref import MAX_D, check_infonce_inputs, infonce_ref
 
 try:
@@ -53,10 +54,10 @@ __all__ = ["fused_infonce", "infonce_ref", "InfoNCEFunction", "MAX_D"]
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
-# Masked logits are a finite "minus infinity": with -inf, a tile column that is entirely masked would give
-# exp2(-inf - -inf) = NaN in the online update. With -1e30 it gives 1 per masked entry, which the first real
-# logit of that row/column wipes out (its rescale factor exp2(-1e30 - x) is 0), and a row or column that never
-# sees a real logit is never read (rows always hold their positive; unused columns are excluded on the host).
+# Masked logits (positives, removed pairs, padding) are a finite "minus infinity" in the kernels: with -inf, a tile
+# row or column that is entirely masked would give exp2(-inf - -inf) = NaN in the online update. With -1e30 it gives
+# 1 per masked entry, which the first real logit of that row/column wipes out (its rescale factor exp2(-1e30 - x) is
+# 0). A row or column with no negative at all ends near -1e30, an LSE the host turns into softplus(-huge) = 0 loss.
 _NEG = -1.0e30
 
 if triton is not None:
@@ -84,17 +85,16 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _infonce_pairs(rows, cols, row_in, col_in, LABELS, ROW_GROUPS, COL_GROUPS, HAS_GROUPS: tl.constexpr):
-        """(positive, negative) masks of a tile. Negatives: in range, not the positive, not removed by groups
-        (same group and not the positive)."""
-        labels = tl.load(LABELS + rows, mask=row_in, other=-1)
+    def _infonce_negatives(rows, cols, row_in, col_in, LABELS, ROW_GROUPS, COL_GROUPS, HAS_GROUPS: tl.constexpr):
+        """Mask of a tile's negative pairs: in range, not the row's positive, not removed by groups (same group)."""
+        labels = tl.load(LABELS + rows, mask=row_in, other=-1).to(tl.int32)  # int32 masks: half the registers
         positive = labels[:, None] == cols[None, :]
         negative = row_in[:, None] & col_in[None, :] & ~positive
         if HAS_GROUPS:
             row_groups = tl.load(ROW_GROUPS + rows, mask=row_in, other=0)
             col_groups = tl.load(COL_GROUPS + cols, mask=col_in, other=0)
             negative = negative & (row_groups[:, None] != col_groups[None, :])
-        return positive, negative
+        return negative
 
     @triton.jit
     def _infonce_fwd_kernel(
@@ -127,8 +127,8 @@ if triton is not None:
                 col_in = cols < M
                 x = _infonce_logit_tile(Q, P, rows, cols, row_in, col_in, D, stride_qn, stride_qd, stride_pm,
                                         stride_pd, BLOCK_N, BLOCK_M, BLOCK_D, DOT_PRECISION, INTERPRET_BF16)
-                positive, negative = _infonce_pairs(rows, cols, row_in, col_in, LABELS, ROW_GROUPS, COL_GROUPS,
-                                                    HAS_GROUPS)
+                negative = _infonce_negatives(rows, cols, row_in, col_in, LABELS, ROW_GROUPS, COL_GROUPS,
+                                              HAS_GROUPS)
                 x = tl.where(negative, x * scale2, -1.0e30)
 
                 m_new = tl.maximum(m_row, tl.max(x, 1))
@@ -186,7 +186,7 @@ if triton is not None:
 
         raw = _infonce_logit_tile(Q, P, rows, cols, row_in, col_in, D, stride_qn, stride_qd, stride_pm, stride_pd,
                                   BLOCK_N, BLOCK_M, BLOCK_D, DOT_PRECISION, INTERPRET_BF16)
-        positive, negative = _infonce_pairs(rows, cols, row_in, col_in, LABELS, ROW_GROUPS, COL_GROUPS, HAS_GROUPS)
+        negative = _infonce_negatives(rows, cols, row_in, col_in, LABELS, ROW_GROUPS, COL_GROUPS, HAS_GROUPS)
         # Positives and removed pairs sit at -1e30, so their exponentials below are exactly 0.
         x = tl.where(negative, raw * (scale * 1.4426950408889634), -1.0e30)
         lse_row = tl.load(LSE_ROW + rows, mask=row_in, other=0.0)
@@ -251,14 +251,16 @@ def _target_programs(device: torch.device) -> int:
     return 4 * _num_sms_cache[index]
 
 
-def _block_sizes(dtype: torch.dtype, interpret: bool) -> tuple[int, int, int, int]:
+def _block_sizes(dtype: torch.dtype, interpret: bool, backward: bool) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_M, BLOCK_D, num_warps). Under the interpreter a tile costs Python time, so tiles are the
-    smallest tl.dot accepts; on the GPU 128 x 128 tiles for 16-bit inputs, 64 x 64 for fp32 (twice the bytes)."""
+    smallest tl.dot accepts. GPU choices: the largest tiles that compile for sm_90 without register spills (checked
+    with cuobjdump -res-usage over the HAS_GROUPS x SYMMETRIC variants; one fp32 forward variant spills 24 bytes);
+    not yet timed on hardware."""
     if interpret:
         return 16, 16, 16, 1
     if dtype == torch.float32:
-        return 64, 64, 32, 4
-    return 128, 128, 64, 8
+        return (64, 64, 32, 8) if backward else (64, 64, 16, 8)
+    return (64, 128, 32, 8) if backward else (128, 128, 32, 8)
 
 
 def _launch_common(q, p, logit_scale, labels, row_groups, col_groups):
@@ -295,7 +297,7 @@ def _infonce_fwd(q, p, logit_scale, labels, row_groups, col_groups, symmetric):
     a = _launch_common(q, p, logit_scale, labels, row_groups, col_groups)
     q, p = a["q"], a["p"]
     (N, D), M = q.shape, p.shape[0]
-    block_n, block_m, block_d, num_warps = _block_sizes(q.dtype, a["interpret"])
+    block_n, block_m, block_d, num_warps = _block_sizes(q.dtype, a["interpret"], backward=False)
     blocks_n, blocks_m = triton.cdiv(N, block_n), triton.cdiv(M, block_m)
     tiles_n, tiles_m = _forward_tiling(blocks_n, blocks_m, _target_programs(q.device))
     supers_n, supers_m = triton.cdiv(blocks_n, tiles_n), triton.cdiv(blocks_m, tiles_m)
@@ -335,9 +337,7 @@ def _infonce_bwd(q, p, logit_scale, grad, labels, row_groups, col_groups, lse_ro
     a = _launch_common(q, p, logit_scale, labels, row_groups, col_groups)
     q, p = a["q"], a["p"]
     (N, D), M = q.shape, p.shape[0]
-    block_n, block_m, block_d, num_warps = _block_sizes(q.dtype, a["interpret"])
-    if not a["interpret"] and q.dtype != torch.float32:
-        block_d = 32  # the backward also holds G and two (BLOCK, BLOCK_D) products in registers
+    block_n, block_m, block_d, num_warps = _block_sizes(q.dtype, a["interpret"], backward=True)
     programs = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
     dq = torch.zeros(N, D, dtype=torch.float32, device=q.device)
     dp = torch.zeros(M, D, dtype=torch.float32, device=q.device)
@@ -408,14 +408,17 @@ def _infonce_fwd_torch(q, p, logit_scale, labels, row_groups, col_groups, symmet
             e.masked_fill_(removed, float("-inf"))
         e[rows, labels_chunk] = float("-inf")  # negatives only: the positive is handled in closed form
         top = e.amax(dim=1)
-        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # a row with no negative stays -inf
+        has_negative = torch.isfinite(top)
+        top = torch.where(has_negative, top, torch.zeros_like(top))  # a row with no negative: all of e stays 0
         e.sub_(top[:, None]).exp_()
         lse_row[lo:hi] = top + torch.log(e.sum(dim=1))
         if symmetric:
             # sum_i exp(x_ij) = exp(c) * sum_i exp(top_i - c) * e_ij: one gemv, exact unless a column's sum is so
             # small that terms underflowed; those columns are recomputed from their logits.
-            c = top.max()
-            col_sum = torch.exp(top - c) @ e
+            neg_inf = torch.full_like(top, float("-inf"))
+            c = torch.where(has_negative, top, neg_inf).max()
+            c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
+            col_sum = torch.exp(torch.where(has_negative, top - c, neg_inf)) @ e
             chunk_lse = c + torch.log(col_sum)
             weak = (col_sum < _TINY).nonzero().squeeze(1)
             if weak.numel():
@@ -455,7 +458,9 @@ def _infonce_bwd_torch(q, p, logit_scale, grad, labels, row_groups, col_groups, 
         g_chunk = y.exp() if symmetric else y.exp_()
         neg_row[lo:hi] = g_chunk @ ones_m
         if symmetric:
-            y.add_(lse_row[lo:hi, None]).sub_(lse_col[None, :]).exp_()  # x - lse_col; +inf lse_col gives 0
+            # x - lse_col as y + (lse_row - lse_col): rounding at the size of these differences, not of the logits
+            # (|x| ~ s) as adding lse_row back first would. lse_col = +inf (unlabelled column) gives exp(-inf) = 0.
+            y.add_(lse_row[lo:hi, None] - lse_col[None, :]).exp_()
             neg_col += torch.ones(hi - lo, dtype=torch.float32, device=q.device) @ y
             g_chunk.add_(y, alpha=ratio)
         gp = g_chunk @ p32  # sum_j G_ij p_j, so ds = sum_ij G_ij q_i.p_j needs no (chunk, M) raw logits
@@ -463,6 +468,18 @@ def _infonce_bwd_torch(q, p, logit_scale, grad, labels, row_groups, col_groups, 
         dq[lo:hi] = gp.mul_(factor * scale)
         dp.addmm_(g_chunk.T, q32)
     return dq, dp.mul_(factor * scale), ds * factor, neg_row, neg_col
+
+
+_POSITIVE_ROWS = 16384  # rows per step of the O(N * D) positive-pair work, so its fp32 copies stay small
+
+
+def _positive_dots(q, p, labels):
+    """(N,) fp32 q_i . p_labels[i] (unscaled), exact products of the inputs accumulated in fp32."""
+    out = torch.empty(q.shape[0], dtype=torch.float32, device=q.device)
+    for lo in range(0, q.shape[0], _POSITIVE_ROWS):
+        hi = min(q.shape[0], lo + _POSITIVE_ROWS)
+        out[lo:hi] = (q[lo:hi].to(torch.float32) * p[labels[lo:hi]].to(torch.float32)).sum(dim=1)
+    return out
 
 
 class InfoNCEFunction(torch.autograd.Function):
@@ -474,10 +491,10 @@ class InfoNCEFunction(torch.autograd.Function):
     def forward(ctx, q, p, logit_scale, labels, row_groups, col_groups, symmetric):
         triton_path = use_triton(q, p)
         fwd = _infonce_fwd if triton_path else _infonce_fwd_torch
-        with torch.no_grad():
+        # Autocast off: the torch path's matmuls must stay fp32 even inside a bf16 autocast region.
+        with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
             lse_neg_row, lse_neg_col = fwd(q, p, logit_scale, labels, row_groups, col_groups, symmetric)
-            scale = logit_scale.to(torch.float32)
-            x_pos = scale * (q.to(torch.float32) * p[labels].to(torch.float32)).sum(dim=1)
+            x_pos = logit_scale.to(torch.float32) * _positive_dots(q, p, labels)
             z_row = lse_neg_row - x_pos
             loss = F.softplus(z_row).mean()
             z_col = None
@@ -491,13 +508,14 @@ class InfoNCEFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         q, p, logit_scale, labels, row_groups, col_groups, x_pos, z_row, z_col = ctx.saved_tensors
         symmetric = ctx.symmetric
         N, M = q.shape[0], p.shape[0]
         w_row = 0.5 / N if symmetric else 1.0 / N
         w_col = 0.5 / N if symmetric else 0.0
-        with torch.no_grad():
+        with torch.autocast(q.device.type, enabled=False):
             lse_row = x_pos + F.softplus(z_row)
             lse_col = None
             if symmetric:
@@ -515,11 +533,14 @@ class InfoNCEFunction(torch.autograd.Function):
             if symmetric:
                 share = share + w_col * neg_col[labels]
             g_pos = -grad.detach().to(torch.float32) * share
-            scale = logit_scale.detach().to(torch.float32)
-            q32, p_pos32 = q.to(torch.float32), p[labels].to(torch.float32)
-            dq += p_pos32 * (g_pos * scale)[:, None]
-            dp.index_put_((labels,), q32 * (g_pos * scale)[:, None], accumulate=True)  # index_add_ is slow on CPU
-            ds = ds + (g_pos * (q32 * p_pos32).sum(dim=1)).sum()
+            scaled = g_pos * logit_scale.detach().to(torch.float32)
+            for lo in range(0, N, _POSITIVE_ROWS):
+                hi = min(N, lo + _POSITIVE_ROWS)
+                q32, p_pos32 = q[lo:hi].to(torch.float32), p[labels[lo:hi]].to(torch.float32)
+                dq[lo:hi] += p_pos32 * scaled[lo:hi, None]
+                # index_put_ accumulates repeated labels (symmetric=False allows them); index_add_ is slow on CPU
+                dp.index_put_((labels[lo:hi],), q32 * scaled[lo:hi, None], accumulate=True)
+                ds = ds + (g_pos[lo:hi] * (q32 * p_pos32).sum(dim=1)).sum()
         return dq.to(q.dtype), dp.to(p.dtype), ds.to(logit_scale.dtype), None, None, None, None
 
 
@@ -542,8 +563,11 @@ def fused_infonce(q, p, logit_scale, labels=None, groups=None, symmetric=True):
         (unlabelled columns contribute nothing). Gradients reach q, p (in their dtype) and logit_scale.
 
     Legend: N rows, M columns, D features. Accumulation and log-sum-exp are fp32. Dispatch: CUDA -> Triton kernels,
-    CPU -> chunked PyTorch (O(chunk * M) memory), TRITON_INTERPRET=1 -> the Triton kernels on CPU (set before import),
+    CPU -> the native csrc kernels when built (kernels/native.py), else chunked PyTorch (O(chunk * M) memory),
+    TRITON_INTERPRET=1 -> the Triton kernels on CPU (set before import),
     VILLE_KERNELS=torch -> chunked PyTorch everywhere. Raises ValueError on malformed inputs.
     """
+    if use_csrc(q, p):  # the native CPU kernels as a custom op (torch.compile traces through it)
+        return native.fused_infonce(q, p, logit_scale, labels, groups, symmetric)
     logit_scale, labels, row_groups, col_groups = check_infonce_inputs(q, p, logit_scale, labels, groups, symmetric)
     return InfoNCEFunction.apply(q, p, logit_scale, labels, row_groups, col_groups, bool(symmetric))
