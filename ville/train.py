@@ -306,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except ValueError as e:  # bad data paths, batch sizes, ... found while setting up
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         distributed.teardown()
     if final and info.is_main:
