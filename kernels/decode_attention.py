@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import native
-from .dispatch import use_csrc, use_triton
+from .dispatch import sm_count, use_csrc, use_triton
 
 try:
     import triton
@@ -156,16 +156,10 @@ def _kernels_interpreted() -> bool:
 
 _MAX_SPLITS = 64
 _CPU_INTERPRET_SMS = 4  # a pretend SM count under TRITON_INTERPRET so small test shapes still exercise the splits
-_num_sms_cache: dict[int, int] = {}
 
 
 def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _CPU_INTERPRET_SMS
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _num_sms_cache:
-        _num_sms_cache[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _num_sms_cache[index]
+    return sm_count(device) if device.type == "cuda" else _CPU_INTERPRET_SMS
 
 
 def _block_sizes(head_dim: int, interpret: bool) -> tuple[int, int, int]:

@@ -51,6 +51,17 @@ def use_csrc(*tensors: torch.Tensor) -> bool:
     return LOADED
 
 
+_sm_counts: dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: the query is slow)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_counts:
+        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _sm_counts[index]
+
+
 def backends() -> dict[str, dict[str, str]]:
     """Which backend each op uses on each device, e.g.
     {"infonce": {"cpu": "csrc", "cuda": "triton"}, "decode_attention": {"cpu": "csrc", "cuda": "triton"}}.

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from . import native
-from .dispatch import use_csrc, use_triton
+from .dispatch import sm_count, use_csrc, use_triton
 from .infonce_ref import MAX_D, check_infonce_inputs, infonce_ref
 
 try:
@@ -239,16 +239,10 @@ def _kernels_interpreted() -> bool:
 
 
 _INTERPRET_PROGRAMS = 2  # pretend device size under TRITON_INTERPRET: small shapes still get multi-tile programs
-_num_sms_cache: dict[int, int] = {}
 
 
 def _target_programs(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _INTERPRET_PROGRAMS
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _num_sms_cache:
-        _num_sms_cache[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return 4 * _num_sms_cache[index]
+    return 4 * sm_count(device) if device.type == "cuda" else _INTERPRET_PROGRAMS
 
 
 def _block_sizes(dtype: torch.dtype, interpret: bool, backward: bool) -> tuple[int, int, int, int]:

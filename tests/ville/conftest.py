@@ -51,3 +51,12 @@ def family(request):
 def frames(batch: int, t: int = 2, h: int = 40, w: int = 52, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (batch, t, h, w, 3), dtype=torch.uint8, generator=g)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls run faster without intra-op threads on 2 shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -45,13 +45,7 @@ def tiny_model(seed: int) -> ViLLE:
     return ViLLE(tiny_cfg()).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two cores shared with other jobs: tiny matmuls run faster without intra-op threads.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

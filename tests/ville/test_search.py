@@ -36,12 +36,7 @@ def tiny_cfg() -> ModelCfg:
         embed=EmbedCfg(max_embed_tokens=6, min_embed_tokens=1, stop_threshold=0.5))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
