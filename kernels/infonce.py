@@ -476,6 +476,24 @@ def _positive_dots(q, p, labels):
     return out
 
 
+def _add_positive_grads(q, p, logit_scale, grad, labels, w_row, w_col, neg_row, neg_col, dq, dp, ds, symmetric):
+    """Add the positive pairs' gradients to fp32 dq / dp (in place); returns ds with theirs added. Shared by the
+    Triton / chunked backward and the csrc backward (kernels/native.py)."""
+    share = w_row * neg_row
+    if symmetric:
+        share = share + w_col * neg_col[labels]
+    g_pos = -grad.detach().to(torch.float32) * share
+    scaled = g_pos * logit_scale.detach().to(torch.float32)
+    for lo in range(0, q.shape[0], _POSITIVE_ROWS):
+        hi = min(q.shape[0], lo + _POSITIVE_ROWS)
+        q32, p_pos32 = q[lo:hi].to(torch.float32), p[labels[lo:hi]].to(torch.float32)
+        dq[lo:hi] += p_pos32 * scaled[lo:hi, None]
+        # index_put_ accumulates repeated labels (symmetric=False allows them); index_add_ is slow on CPU
+        dp.index_put_((labels[lo:hi],), q32 * scaled[lo:hi, None], accumulate=True)
+        ds = ds + (g_pos[lo:hi] * (q32 * p_pos32).sum(dim=1)).sum()
+    return ds
+
+
 class InfoNCEFunction(torch.autograd.Function):
     """Forward: log-sum-exp over each row's and each column's *negatives*, tiled (Triton) or chunked (torch), and the
     positive logits x_pos (N,) from an O(N * D) gather; with z = lse_negatives - x_pos the loss of a row (or column)
@@ -523,18 +541,8 @@ class InfoNCEFunction(torch.autograd.Function):
             # directions. Taking that mass from exactly the probabilities the negatives used keeps every row and
             # column of G summing to zero (an independently rounded 1 - softmax does not, which biases dq, dp and
             # ds), and adding it here, in fp32, keeps it out of the tile's low-precision G.
-            share = w_row * neg_row
-            if symmetric:
-                share = share + w_col * neg_col[labels]
-            g_pos = -grad.detach().to(torch.float32) * share
-            scaled = g_pos * logit_scale.detach().to(torch.float32)
-            for lo in range(0, N, _POSITIVE_ROWS):
-                hi = min(N, lo + _POSITIVE_ROWS)
-                q32, p_pos32 = q[lo:hi].to(torch.float32), p[labels[lo:hi]].to(torch.float32)
-                dq[lo:hi] += p_pos32 * scaled[lo:hi, None]
-                # index_put_ accumulates repeated labels (symmetric=False allows them); index_add_ is slow on CPU
-                dp.index_put_((labels[lo:hi],), q32 * scaled[lo:hi, None], accumulate=True)
-                ds = ds + (g_pos[lo:hi] * (q32 * p_pos32).sum(dim=1)).sum()
+            ds = _add_positive_grads(q, p, logit_scale, grad, labels, w_row, w_col, neg_row, neg_col, dq, dp, ds,
+                                     symmetric)
         return dq.to(q.dtype), dp.to(p.dtype), ds.to(logit_scale.dtype), None, None, None, None
 
 

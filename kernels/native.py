@@ -80,7 +80,7 @@ def _infonce_fwd_cuda(q, p, logit_scale, labels, row_groups, col_groups, symmetr
 @torch.library.impl("ville_kernels::infonce_bwd", "CUDA", lib=_lib)
 def _infonce_bwd_cuda(grad, q, p, logit_scale, labels, row_groups, col_groups, x_pos, z_row, z_col, symmetric):
     """InfoNCEFunction.backward on the Triton backward kernel, without the autograd.Function around it."""
-    from .infonce import _POSITIVE_ROWS, _infonce_bwd
+    from .infonce import _add_positive_grads, _infonce_bwd
     N, M = q.shape[0], p.shape[0]
     w_row = 0.5 / N if symmetric else 1.0 / N
     w_col = 0.5 / N if symmetric else 0.0
@@ -92,17 +92,8 @@ def _infonce_bwd_cuda(grad, q, p, logit_scale, labels, row_groups, col_groups, x
             lse_col[labels] = x_pos + F.softplus(z_col)
         dq, dp, ds, neg_row, neg_col = _infonce_bwd(q, p, logit_scale, grad, labels, row_groups, col_groups,
                                                     lse_row, lse_col, w_row, w_col, symmetric)
-        share = w_row * neg_row
-        if symmetric:
-            share = share + w_col * neg_col[labels]
-        g_pos = -grad.to(torch.float32) * share
-        scaled = g_pos * logit_scale.to(torch.float32)
-        for lo in range(0, N, _POSITIVE_ROWS):
-            hi = min(N, lo + _POSITIVE_ROWS)
-            q32, p_pos32 = q[lo:hi].to(torch.float32), p[labels[lo:hi]].to(torch.float32)
-            dq[lo:hi] += p_pos32 * scaled[lo:hi, None]
-            dp.index_put_((labels[lo:hi],), q32 * scaled[lo:hi, None], accumulate=True)
-            ds = ds + (g_pos[lo:hi] * (q32 * p_pos32).sum(dim=1)).sum()
+        ds = _add_positive_grads(q, p, logit_scale, grad, labels, w_row, w_col, neg_row, neg_col, dq, dp, ds,
+                                 symmetric)
     return dq.to(q.dtype), dp.to(p.dtype), ds.to(logit_scale.dtype)
 
 

@@ -236,7 +236,10 @@ class ViLLE(nn.Module):
         passes precomputed `video_tokens(frames)` (shared with the LM pass of the same batch)."""
         k = k or self.cfg.embed.max_embed_tokens
         B = self.vision.validate(frames)
-        prompt_ids = self._token_ids(prompts or [self.cfg.embed.video_prompt] * B, "prompts")
+        if prompts is None:  # the fixed video prompt: tokenize once, not once per sample
+            prompt_ids = self._token_ids([self.cfg.embed.video_prompt], "video_prompt") * B
+        else:
+            prompt_ids = self._token_ids(prompts, "prompts")
         states = self._suffix_states(self._video_prefixes(frames, prompt_ids, video), self.emb_query, k)
         return EmbedSteps(self.head.per_step(states), self.stop_logit(states), states)
 
@@ -332,7 +335,7 @@ class ViLLE(nn.Module):
         """Adaptive-length video embedding. `num_tokens=k` is the fixed-length mode (exactly k tokens)."""
         if num_tokens is not None:
             stop_threshold, max_embed_tokens, min_embed_tokens = 2.0, num_tokens, num_tokens
-        prompt_ids = self._token_ids([self.cfg.embed.video_prompt] * self.vision.validate(frames), "video_prompt")
+        prompt_ids = self._token_ids([self.cfg.embed.video_prompt], "video_prompt") * self.vision.validate(frames)
         return self._adaptive_embed(self._video_prefixes(frames, prompt_ids), stop_threshold, max_embed_tokens,
                                     min_embed_tokens, _stop_schedule)
 
