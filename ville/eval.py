@@ -61,6 +61,7 @@ class EvalCfg:
     moment_stride: float = _opt(0.5, "window step, fraction of the window length")
     nms_threshold: float = _opt(0.5, "temporal NMS: drop windows with IoU > this with a better one")
     qa_max_new_tokens: int = _opt(8, "greedy answer length limit")
+    qa_min_new_tokens: int = _opt(1, "<eos> is not allowed before this many answer tokens (every answer is a word)")
     composed_split: str = _opt("composed", "composed triplets; the gallery is <this>_gallery")
     out: str | None = _opt(None, "results JSON; the plot goes beside it (CLI default: eval_out/<model>-<split>.json)")
     cache_dir: str | None = _opt(None, "embedding cache (default: cache/ beside --out; '' disables caching)")
@@ -225,7 +226,7 @@ def _clip_pass(model, shards, order: dict, need_embed: set, need_qa: dict, cfg: 
         for chunk in [items[j:j + cfg.batch_size] for j in range(0, len(items), cfg.batch_size)]:
             sel = torch.tensor([c[0] for c in chunk])
             texts = model.generate(frames[sel].to(model.device), [c[2] for c in chunk],
-                                   max_new_tokens=cfg.qa_max_new_tokens)
+                                   max_new_tokens=cfg.qa_max_new_tokens, min_new_tokens=cfg.qa_min_new_tokens)
             answers.update({c[1]: t for c, t in zip(chunk, texts)})
     return _gather(videos), _gather(answers)
 
@@ -429,7 +430,8 @@ def _qa(clips, answers: dict, data_dir: str, cfg: EvalCfg) -> dict:
     base = [majority.get(kd, majority.get("*", "")) for kd in kinds]
     hit, base_hit = M.exact_match(pred, gold), M.exact_match(base, gold)
     per_type = {kd: round(100.0 * float(hit[[x == kd for x in kinds]].mean()), 2) for kd in sorted(set(kinds))}
-    return {"protocol": f"greedy generation (max {cfg.qa_max_new_tokens} new tokens) with the training prompt "
+    return {"protocol": f"greedy generation ({cfg.qa_min_new_tokens} to {cfg.qa_max_new_tokens} new tokens: <eos> is "
+                        f"masked before the first {cfg.qa_min_new_tokens}) with the training prompt "
                         f"{QA_PROMPT!r}; exact match after lowercasing, removing punctuation and the articles "
                         f"a/an/the; baseline: the most frequent answer per question type (`type`, else the first "
                         f"word) in the {source.upper()} split",
@@ -607,7 +609,7 @@ def _run(model, data_dir: str, cfg: EvalCfg, cache: Cache, out_dir: str | None) 
                            for i, q in enumerate(_qa_items(m))] for k, m in clips}
         name = f"{cfg.split}-{cfg.num_frames}-videos-{cfg.frame_size}px"
         videos, answers = _video_embeddings(model, shards, clips, cache, name, cfg, need_qa,
-                                            f"{cfg.split}-{cfg.num_frames}-qa{cfg.qa_max_new_tokens}-"
+                                            f"{cfg.split}-{cfg.num_frames}-qa{cfg.qa_min_new_tokens}-{cfg.qa_max_new_tokens}-"
                                             f"{cfg.frame_size}px")
         V = torch.stack([videos[k]["emb"] for k, _ in clips]).double()
         texts = []

@@ -9,7 +9,9 @@ Halting (the paper does not say how EOS is learned; ours): the stop target of st
 from steps 1..t already ranks its paired text first in the batch by at least `margin` in cosine similarity
 (computed without gradient), else 0. The loss is BCE on the stop logits of steps >= min_embed_tokens plus
 `token_cost` times the expected number of tokens under the model's own stopping rule,
-E[n] = sum_t prod_{s<t} (1 - p_s), which is differentiable in the stop probabilities p_s.
+E[n] = sum_t prod_{s<t} (1 - p_s), which is differentiable in the stop probabilities p_s. A task whose global batch
+has fewer than `halting_min_batch` texts does not feed it: ranking first among three competitors says little about
+a gallery, and such targets (almost all 1) taught the stop logit to fire at step 1 for everything.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ class LossCfg:
     halting: float = 0.5  # BCE on the stop logits
     token_cost: float = 0.02  # per expected embedding token
     halting_margin: float = 0.05  # cosine margin of the "already ranks first" test
+    halting_min_batch: int = 16  # tasks whose global batch is smaller do not feed the halting loss
     embed_steps: str = "all"  # "all": contrastive loss averaged over every prefix length; "last": step K only
 
 
@@ -125,6 +128,12 @@ def halting_loss(cfg: LossCfg, stop_logits: torch.Tensor, targets: torch.Tensor,
     return loss, stats
 
 
+def _global_batch(x: torch.Tensor) -> int:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        return sum(_gather_sizes(x.shape[0], x.device))
+    return x.shape[0]
+
+
 def _key_groups(keys: list[str], device) -> torch.Tensor:
     """Group ids that are equal exactly for equal clip keys, on every rank (they are gathered across ranks)."""
     from .data import group_id
@@ -152,7 +161,7 @@ def multitask_loss(model, batches: dict[str, dict], cfg: LossCfg) -> tuple[torch
         text_emb = model.text_embed_train(text)
         add(f"contrastive_{task}", cfg.contrastive,
             contrastive_loss(cfg, steps.per_step, text_emb, scale, kmin, groups=(groups, groups)))
-        if cfg.halting > 0 or cfg.token_cost > 0:
+        if (cfg.halting > 0 or cfg.token_cost > 0) and _global_batch(text_emb) >= cfg.halting_min_batch:
             targets = halting_targets(steps.per_step, text_emb, cfg.halting_margin, groups)
             h, stats = halting_loss(cfg, steps.stop_logits, targets, kmin)
             add(f"halting_{task}", 1.0, h)

@@ -9,8 +9,10 @@ Sequence layouts (each sample right-padded; positions are 0..len-1, so rotary po
 The prefix is attended bidirectionally, the suffix causally (see ville/llm.py). The embedding-step and matching
 inputs are learned vectors (`emb_query`, `match_query`) rather than rows of the LLM's embedding table, so they stay
 trainable when LoRA freezes the LLM. The stop decision of embedding step t is the model choosing between emitting
-EOS and another `<emb>`: stop_logit = logit[<eos>] - logit[<emb>], i.e. the EOS probability renormalised over the
-two tokens that are possible in embedding mode.
+the embedding-mode EOS `<eoe>` and another `<emb>`: stop_logit = logit[<eoe>] - logit[<emb>], i.e. the EOS
+probability renormalised over the two tokens that are possible in embedding mode. `<eoe>` is its own token, not the
+text `<eos>`: with a shared (and, in tied models, input-tied) row, the halting loss raised the text EOS and greedy
+generation ended before its first word. Text generation never emits `<emb>`, `<eoe>` or `<match>`.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from torch import nn
 from .head import HeadCfg, KVFormerHead, MatchHead
 from .llm import AttnState, LLMCfg, apply_lora, build_llm
 from .projector import Projector, ProjectorCfg
-from .tokenizer import EMB_TOKEN, load_tokenizer
+from .tokenizer import EMB_TOKEN, EMBED_MODE_TOKENS, EOE_TOKEN, load_tokenizer
 from .vision import VisionCfg, VisionTower
 
 
@@ -35,7 +37,9 @@ class EmbedCfg:
     stop_threshold: float = 0.5  # stop at the first step t >= min whose stop probability exceeds this
     video_prompt: str = "Summarize the video in embeddings."
     text_prompt: str = "Summarize the text in one embedding."
-    composed_prompt: str = "Apply the edit and summarize the video in embeddings."
+    # Composed retrieval is zero-shot (never trained): the edit text goes before the trained video prompt, so the
+    # query stays in the distribution the embedding steps were trained on (a new instruction here measured worse).
+    composed_prompt: str = "Summarize the video in embeddings."
     match_prompt: str = "Does the video match the text?"
     init_temperature: float = 0.05  # contrastive temperature at init (learned as logit_scale = 1 / temperature)
     max_logit_scale: float = 100.0
@@ -137,6 +141,8 @@ class ViLLE(nn.Module):
         self.eos_id = ids.eos_token_id
         self.pad_id = ids.pad_token_id
         self.emb_id = ids.convert_tokens_to_ids(EMB_TOKEN)
+        self.eoe_id = ids.convert_tokens_to_ids(EOE_TOKEN)
+        self.embed_mode_ids = [ids.convert_tokens_to_ids(t) for t in EMBED_MODE_TOKENS]
         self._llm_dtype = llm.get_input_embeddings().weight.dtype
 
     # ------------------------------------------------------------------------------------------- construction
@@ -209,9 +215,9 @@ class ViLLE(nn.Module):
         return self._final_softcap(self.base_llm().get_output_embeddings()(h)).float()
 
     def stop_logit(self, h: torch.Tensor) -> torch.Tensor:
-        """(..., H) -> (...) logit[<eos>] - logit[<emb>] (only those two rows of the LM head are computed)."""
+        """(..., H) -> (...) logit[<eoe>] - logit[<emb>] (only those two rows of the LM head are computed)."""
         head = self.base_llm().get_output_embeddings()
-        rows = torch.tensor([self.eos_id, self.emb_id], device=h.device)
+        rows = torch.tensor([self.eoe_id, self.emb_id], device=h.device)
         w = head.weight[rows]
         logits = F.linear(h.to(w.dtype), w, None if head.bias is None else head.bias[rows])
         logits = self._final_softcap(logits).float()
@@ -361,10 +367,14 @@ class ViLLE(nn.Module):
 
     @torch.no_grad()
     def generate(self, frames, prompts, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> list[str]:
-        """KV-cached decoding, greedy by default; each sample stops at its own <eos> and then does no work."""
+                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 min_new_tokens: int = 0) -> list[str]:
+        """KV-cached decoding, greedy by default; each sample stops at its own <eos> and then does no work.
+        `min_new_tokens`: <eos> cannot be chosen before that many tokens (as in transformers' generate)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not 0 <= min_new_tokens <= max_new_tokens:
+            raise ValueError(f"need 0 <= min_new_tokens <= max_new_tokens, got {min_new_tokens} and {max_new_tokens}")
         prompt_ids = self._token_ids(prompts, "prompts")
         embeds, plens, lens = self._pack(self._video_prefixes(frames, prompt_ids))
         B = embeds.shape[0]
@@ -373,6 +383,9 @@ class ViLLE(nn.Module):
         out: list[list[int]] = [[] for _ in range(B)]
         for step in range(max_new_tokens):
             logits = self.lm_logits(h)
+            logits[:, self.embed_mode_ids] = float("-inf")  # text mode: only text tokens and <eos>
+            if step < min_new_tokens:
+                logits[:, self.eos_id] = float("-inf")
             if do_sample:
                 logits = logits / max(temperature, 1e-5)
                 if top_k:

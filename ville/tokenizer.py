@@ -5,8 +5,10 @@ lower-casing WordPiece vocabulary of common English and video words, plus every 
 start and as a `##` continuation. Any ASCII text therefore tokenizes without `<unk>` (unknown words fall back to
 characters), and the vocabulary stays small (~1k) so a tiny LLM's embedding table is cheap.
 
-Both kinds get the special tokens the model needs: `<emb>` (the learned embedding-step input), `<match>` (the
-matching readout) and a pad token; EOS doubles as the stop signal of adaptive embedding generation.
+Both kinds get the special tokens the model needs: `<emb>` (the learned embedding-step input), `<eoe>` (end of
+embedding: the EOS of embedding mode, whose logit against `<emb>` is the stop signal of adaptive embedding
+generation), `<match>` (the matching readout) and a pad token. `<eoe>` is not the text EOS: a stop loss that
+raised the shared `<eos>` logit would make text generation end before its first word.
 """
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 EMB_TOKEN = "<emb>"
 MATCH_TOKEN = "<match>"
-SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>", EMB_TOKEN, MATCH_TOKEN]
+EOE_TOKEN = "<eoe>"
+EMBED_MODE_TOKENS = [EMB_TOKEN, EOE_TOKEN, MATCH_TOKEN]  # never generated as text
+SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>", *EMBED_MODE_TOKENS]
 
 # Common English plus the vocabulary of synthetic and real video captions/QA. Order is part of the format: appending
 # is fine, reordering changes token ids of saved tiny models (their tokenizer is saved beside them, so they still load).
@@ -85,7 +89,7 @@ def build_builtin_tokenizer() -> PreTrainedTokenizerFast:
         eos_token="<eos>",
         pad_token="<pad>",
         unk_token="<unk>",
-        additional_special_tokens=[EMB_TOKEN, MATCH_TOKEN],
+        additional_special_tokens=list(EMBED_MODE_TOKENS),
         clean_up_tokenization_spaces=True,
     )
 
@@ -102,7 +106,7 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
             f"could not load tokenizer {name!r} (hub name or local path expected; offline machines can use "
             f"'builtin' for randomly initialised models): {e}"
         ) from e
-    missing = [t for t in (EMB_TOKEN, MATCH_TOKEN) if t not in tok.get_vocab()]
+    missing = [t for t in EMBED_MODE_TOKENS if t not in tok.get_vocab()]
     if missing:
         tok.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     if tok.eos_token is None:

@@ -106,6 +106,45 @@ def test_generation_stops_per_sample_at_eos():
     assert out[1] != "" and out[1] == alone[0]
 
 
+
+def test_min_new_tokens_masks_eos():
+    """With <eos> rigged to win, min_new_tokens=1 still gives every sample a first token; bad values raise."""
+    model = build("llama")
+    fr = frames(2)
+    with torch.no_grad():
+        head = model.base_llm().get_output_embeddings()
+        h, _, lens = model._full(model._video_prefixes(fr, model._token_ids(PROMPTS[:2], "p")), None)
+        head.weight[model.eos_id] = (h[0, lens[0] - 1] + h[1, lens[1] - 1]) * 200
+        assert model.generate(fr, PROMPTS[:2], max_new_tokens=4) == ["", ""]
+        out = model.generate(fr, PROMPTS[:2], max_new_tokens=4, min_new_tokens=1)
+    assert all(o for o in out)  # a first token other than <eos>
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        model.generate(fr, PROMPTS[:2], max_new_tokens=2, min_new_tokens=3)
+
+
+def test_embedding_stop_is_not_the_text_eos():
+    """The stop logit reads <eoe> vs <emb>, never the text <eos>; text generation never emits embedding-mode tokens,
+    even when their logits dominate (what a halting loss on a shared row did: every answer came out empty)."""
+    model = build("llama")
+    fr = frames(2)
+    with torch.no_grad():
+        before = model.generate(fr, PROMPTS[:2], max_new_tokens=4)
+        head = model.base_llm().get_output_embeddings()
+        h, _, lens = model._full(model._video_prefixes(fr, model._token_ids(PROMPTS[:2], "p")), None)
+        big = (h[0, lens[0] - 1] + h[1, lens[1] - 1]) * 200
+        head.weight[model.eoe_id] = big  # would win every argmax if generation allowed it
+        head.weight[model.embed_mode_ids[-1]] = big * 1.01  # <match>
+        last = h.gather(1, (lens - 1)[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]
+        assert set(model.lm_logits(last).argmax(-1).tolist()) <= set(model.embed_mode_ids)
+        assert model.generate(fr, PROMPTS[:2], max_new_tokens=4) == before
+        stop = model.video_embed_steps(fr, k=3).stop_logits
+        head.weight[model.eos_id] = big * 1.02  # the text EOS now wins: generation ends at once ...
+        assert model.generate(fr, PROMPTS[:2], max_new_tokens=4) == ["", ""]
+        # ... and the stop logits do not move
+        torch.testing.assert_close(model.video_embed_steps(fr, k=3).stop_logits, stop, atol=0, rtol=0)
+    assert model.eoe_id != model.eos_id
+
+
 def test_stop_threshold_extremes(family):
     model = build(family)
     fr = frames(2)
