@@ -45,7 +45,9 @@ def test_three_stages_train_from_their_recipes(synth, tmp_path):
     prev = None
     for stage in (1, 2, 3):
         out = tmp_path / f"s{stage}"
-        ov = overrides(f"recipes/tiny/stage{stage}.yaml", synth, out, train__max_steps=2, train__save_every=1)
+        # batch 2 per task: let halting run anyway (the recipes only feed it from global batches >= 16)
+        ov = overrides(f"recipes/tiny/stage{stage}.yaml", synth, out, train__max_steps=2, train__save_every=1,
+                       loss__halting_min_batch=2)
         ov.append(f"train.init_from={prev}" if prev else "train.init_from=null")
         assert main([f"recipes/tiny/stage{stage}.yaml", *ov]) == 0
         rec = [json.loads(x) for x in open(out / "metrics.jsonl")]
