@@ -609,8 +609,8 @@ def _run(model, data_dir: str, cfg: EvalCfg, cache: Cache, out_dir: str | None) 
                            for i, q in enumerate(_qa_items(m))] for k, m in clips}
         name = f"{cfg.split}-{cfg.num_frames}-videos-{cfg.frame_size}px"
         videos, answers = _video_embeddings(model, shards, clips, cache, name, cfg, need_qa,
-                                            f"{cfg.split}-{cfg.num_frames}-qa{cfg.qa_min_new_tokens}-{cfg.qa_max_new_tokens}-"
-                                            f"{cfg.frame_size}px")
+                                            f"{cfg.split}-{cfg.num_frames}-qa{cfg.qa_min_new_tokens}-"
+                                            f"{cfg.qa_max_new_tokens}-{cfg.frame_size}px")
         V = torch.stack([videos[k]["emb"] for k, _ in clips]).double()
         texts = []
         if tasks & {"retrieval", "rerank"}:

@@ -381,11 +381,12 @@ class ViLLE(nn.Module):
         sess = _DecodeSession(self, embeds, plens, lens, max_new_tokens)
         h = sess.prefix_hidden.gather(1, (lens - 1)[:, None, None].expand(-1, 1, self.hidden))[:, 0]
         out: list[list[int]] = [[] for _ in range(B)]
+        # Added to the logits once per step: text mode has only text tokens and <eos> (not before min_new_tokens).
+        banned = h.new_zeros(self.base_llm().get_output_embeddings().weight.shape[0], dtype=torch.float32)
+        banned[self.embed_mode_ids] = float("-inf")
+        no_eos = banned.index_fill(0, torch.tensor([self.eos_id], device=h.device), float("-inf"))
         for step in range(max_new_tokens):
-            logits = self.lm_logits(h)
-            logits[:, self.embed_mode_ids] = float("-inf")  # text mode: only text tokens and <eos>
-            if step < min_new_tokens:
-                logits[:, self.eos_id] = float("-inf")
+            logits = self.lm_logits(h) + (no_eos if step < min_new_tokens else banned)
             if do_sample:
                 logits = logits / max(temperature, 1e-5)
                 if top_k:

@@ -91,20 +91,24 @@ def test_generation_cache_equals_recomputation_and_is_deterministic(family):
     assert gen == ref
 
 
+def last_prefix_states(model, fr, prompts) -> torch.Tensor:
+    """(B, H) hidden state at each sample's last prefix position: the one that predicts the first new token."""
+    h, _, lens = model._full(model._video_prefixes(fr, model._token_ids(prompts, "p")), None)
+    return h[torch.arange(h.shape[0]), lens - 1]
+
+
 def test_generation_stops_per_sample_at_eos():
     """Make <eos> the first token for sample 0 only: it returns empty text, the other continues unaffected."""
     model = build("llama")
     fr = frames(2)
     with torch.no_grad():
         head = model.base_llm().get_output_embeddings()
-        h, _, lens = model._full(model._video_prefixes(fr, model._token_ids(PROMPTS[:2], "p")), None)
-        a, b = h[0, lens[0] - 1], h[1, lens[1] - 1]
+        a, b = last_prefix_states(model, fr, PROMPTS[:2])
         head.weight[model.eos_id] = (a / a.norm() - b / b.norm()) * 200  # high for sample 0, low for sample 1
         out = model.generate(fr, PROMPTS[:2], max_new_tokens=4)
         alone = model.generate(fr[1:], PROMPTS[1:2], max_new_tokens=4)
     assert out[0] == ""
     assert out[1] != "" and out[1] == alone[0]
-
 
 
 def test_min_new_tokens_masks_eos():
@@ -113,8 +117,7 @@ def test_min_new_tokens_masks_eos():
     fr = frames(2)
     with torch.no_grad():
         head = model.base_llm().get_output_embeddings()
-        h, _, lens = model._full(model._video_prefixes(fr, model._token_ids(PROMPTS[:2], "p")), None)
-        head.weight[model.eos_id] = (h[0, lens[0] - 1] + h[1, lens[1] - 1]) * 200
+        head.weight[model.eos_id] = last_prefix_states(model, fr, PROMPTS[:2]).sum(0) * 200
         assert model.generate(fr, PROMPTS[:2], max_new_tokens=4) == ["", ""]
         out = model.generate(fr, PROMPTS[:2], max_new_tokens=4, min_new_tokens=1)
     assert all(o for o in out)  # a first token other than <eos>
@@ -130,11 +133,10 @@ def test_embedding_stop_is_not_the_text_eos():
     with torch.no_grad():
         before = model.generate(fr, PROMPTS[:2], max_new_tokens=4)
         head = model.base_llm().get_output_embeddings()
-        h, _, lens = model._full(model._video_prefixes(fr, model._token_ids(PROMPTS[:2], "p")), None)
-        big = (h[0, lens[0] - 1] + h[1, lens[1] - 1]) * 200
+        last = last_prefix_states(model, fr, PROMPTS[:2])
+        big = last.sum(0) * 200
         head.weight[model.eoe_id] = big  # would win every argmax if generation allowed it
         head.weight[model.embed_mode_ids[-1]] = big * 1.01  # <match>
-        last = h.gather(1, (lens - 1)[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]
         assert set(model.lm_logits(last).argmax(-1).tolist()) <= set(model.embed_mode_ids)
         assert model.generate(fr, PROMPTS[:2], max_new_tokens=4) == before
         stop = model.video_embed_steps(fr, k=3).stop_logits
