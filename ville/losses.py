@@ -12,23 +12,10 @@ from steps 1..t already ranks its paired text first in the batch by at least `ma
 E[n] = sum_t prod_{s<t} (1 - p_s), which is differentiable in the stop probabilities p_s. A task whose global batch
 has fewer than `halting_min_batch` texts does not feed it: ranking first among three competitors says little about
 a gallery, and such targets (almost all 1) taught the stop logit to fire at step 1 for everything.
-
-Progressive detailed captions (`progressive: true`, ours): rank-first targets say whether a video is easy, not how
-much there is to say about it, and with every prefix trained on the same text the step embeddings stay alike, so
-the number of tokens cannot follow the content. With `progressive`, the step-t embedding of a detailed caption is
-trained on the caption's first t sentences (the last step, K, on all of them): an InfoNCE per step against the
-batch's step-t texts, plus a "progress" cross-entropy over the sample's own prefixes (its target is prefix
-min(t, S) of S), so step t must say what the first t sentences say and no more. Halting is then supervised by
-completeness: the target of step t is 1 from step S on, where the step's training text is the whole caption, so the
-stop head learns from the video how much there is to describe. Only progressive captions feed halting then (the
-rank-first targets of the other tasks would contradict it), and `halting_min_batch` does not apply (the targets do
-not depend on the batch).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import re
 
 import torch
 import torch.distributed as dist
@@ -48,7 +35,6 @@ class LossCfg:
     halting_margin: float = 0.05  # cosine margin of the "already ranks first" test
     halting_min_batch: int = 16  # tasks whose global batch is smaller do not feed the halting loss
     embed_steps: str = "all"  # "all": contrastive loss averaged over every prefix length; "last": step K only
-    progressive: bool = False  # detailed captions: step t <-> first t sentences; halting by completeness (above)
 
 
 def lm_loss(model, batch) -> torch.Tensor:
@@ -130,44 +116,6 @@ def expected_tokens(stop_logits: torch.Tensor, min_tokens: int = 1) -> torch.Ten
     return 1 + survive[:, : K - 1].sum(1)
 
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-
-
-def sentence_prefixes(text: str, k: int) -> list[str]:
-    """The texts that steps 1..min(S, k) of a progressive caption are trained on: the first t sentences (t < k), and
-    all S sentences at step min(S, k). Steps beyond S keep the whole caption."""
-    sentences = [s for s in _SENTENCE_END.split(text.strip()) if s]
-    if not sentences:
-        raise ValueError(f"loss.progressive: empty detailed caption {text!r}")
-    n = min(len(sentences), k)
-    return [" ".join(sentences[:t]) for t in range(1, n)] + [" ".join(sentences)]
-
-
-def progressive_losses(cfg: LossCfg, per_step: torch.Tensor, prefix_emb: torch.Tensor, n_prefix: torch.Tensor,
-                       logit_scale: torch.Tensor, min_tokens: int = 1, groups: torch.Tensor | None = None):
-    """per_step (B, K, D); prefix_emb (B, K, D): row b's prefix texts (`sentence_prefixes`) embedded, padded by
-    repeating the last; n_prefix (B,) how many are real. -> (contrastive, progress): mean over steps t of the
-    gathered InfoNCE of step t against the step-t texts, and of the cross-entropy of step t over the sample's own
-    prefixes with target min(t, S)."""
-    B, K = per_step.shape[:2]
-    idx = torch.arange(B, device=per_step.device)
-    own = torch.arange(K, device=per_step.device)[None] < n_prefix[:, None]  # (B, K) real prefixes
-    contrastive, progress = [], []
-    for t in _steps(cfg, K, min_tokens):
-        target = torch.clamp(n_prefix - 1, max=t)  # (B,) index of the step-t text
-        text_t = prefix_emb[idx, target]
-        contrastive.append(gathered_infonce(per_step[:, t], text_t, logit_scale, groups=groups))
-        logits = logit_scale * torch.einsum("bd,bkd->bk", per_step[:, t].float(), prefix_emb.float())
-        progress.append(F.cross_entropy(logits.masked_fill(~own, float("-inf")), target))
-    return torch.stack(contrastive).mean(), torch.stack(progress).mean()
-
-
-def completeness_targets(n_prefix: torch.Tensor, k: int) -> torch.Tensor:
-    """(B,) number of prefixes S of each progressive caption -> (B, k) halting targets: 1 from step S on, where the
-    step's training text is the whole caption."""
-    return (torch.arange(k, device=n_prefix.device)[None] >= (n_prefix - 1)[:, None]).float()
-
-
 def halting_loss(cfg: LossCfg, stop_logits: torch.Tensor, targets: torch.Tensor, min_tokens: int = 1):
     """-> (loss, stats). BCE over steps >= min_tokens (the last step included: stopping there is forced, but its
     target still says whether the full-length embedding is good) + token_cost * E[tokens]."""
@@ -208,35 +156,16 @@ def multitask_loss(model, batches: dict[str, dict], cfg: LossCfg) -> tuple[torch
         total = total + weight * value
         comps[name] = float(value.detach())
 
-    halting_on = cfg.halting > 0 or cfg.token_cost > 0
-
-    def add_halting(task, steps, targets):
-        h, stats = halting_loss(cfg, steps.stop_logits, targets, kmin)
-        add(f"halting_{task}", 1.0, h)
-        comps.update({f"{k}_{task}": v for k, v in stats.items()})
-
     def embed_and_contrast(task, b, text, groups, video=None):
         steps = model.video_embed_steps(b["frames"], video=video)
         text_emb = model.text_embed_train(text)
         add(f"contrastive_{task}", cfg.contrastive,
             contrastive_loss(cfg, steps.per_step, text_emb, scale, kmin, groups=(groups, groups)))
-        if halting_on and not cfg.progressive and _global_batch(text_emb) >= cfg.halting_min_batch:
-            add_halting(task, steps, halting_targets(steps.per_step, text_emb, cfg.halting_margin, groups))
-
-    def progressive(task, b, groups, video):
-        steps = model.video_embed_steps(b["frames"], video=video)
-        K = steps.per_step.shape[1]
-        prefixes = [sentence_prefixes(t, K) for t in b["target"]]
-        n_prefix = torch.tensor([len(p) for p in prefixes], device=groups.device)
-        flat = model.text_embed_train([t for p in prefixes for t in p])
-        starts = torch.cumsum(n_prefix, 0) - n_prefix
-        pick = starts[:, None] + torch.minimum(torch.arange(K, device=groups.device)[None], n_prefix[:, None] - 1)
-        prefix_emb = flat[pick]  # (B, K, D), padded with the whole caption
-        con, prog = progressive_losses(cfg, steps.per_step, prefix_emb, n_prefix, scale, kmin, (groups, groups))
-        add(f"contrastive_{task}", cfg.contrastive, con)
-        add(f"progress_{task}", cfg.contrastive, prog)
-        if halting_on:
-            add_halting(task, steps, completeness_targets(n_prefix, K))
+        if (cfg.halting > 0 or cfg.token_cost > 0) and _global_batch(text_emb) >= cfg.halting_min_batch:
+            targets = halting_targets(steps.per_step, text_emb, cfg.halting_margin, groups)
+            h, stats = halting_loss(cfg, steps.stop_logits, targets, kmin)
+            add(f"halting_{task}", 1.0, h)
+            comps.update({f"{k}_{task}": v for k, v in stats.items()})
 
     for task, b in batches.items():
         frames = b["frames"]
@@ -245,9 +174,7 @@ def multitask_loss(model, batches: dict[str, dict], cfg: LossCfg) -> tuple[torch
         if task in ("caption", "detailed_caption", "qa"):
             video = model.video_tokens(frames)
             add(f"lm_{task}", cfg.lm, model.lm_loss(frames, b["prompt"], b["target"], video=video))
-            if task == "detailed_caption" and cfg.progressive and cfg.contrastive > 0:
-                progressive(task, b, _key_groups(b["keys"], frames.device), video)
-            elif task != "qa" and cfg.contrastive > 0:
+            if task != "qa" and cfg.contrastive > 0:
                 embed_and_contrast(task, b, b["target"], _key_groups(b["keys"], frames.device), video)
         elif task == "retrieval":
             embed_and_contrast(task, b, b["text"], b["group"].to(frames.device))

@@ -10,9 +10,7 @@ The prefix is attended bidirectionally, the suffix causally (see ville/llm.py). 
 inputs are learned vectors (`emb_query`, `match_query`) rather than rows of the LLM's embedding table, so they stay
 trainable when LoRA freezes the LLM. The stop decision of embedding step t is the model choosing between emitting
 the embedding-mode EOS `<eoe>` and another `<emb>`: stop_logit = logit[<eoe>] - logit[<emb>], i.e. the EOS
-probability renormalised over the two tokens that are possible in embedding mode, plus a learned bias per step
-(`stop_step_bias`, zero at init): the step states differ little from one another, and the bias lets the stop head
-compare one per-video evidence against a threshold that moves with t. `<eoe>` is its own token, not the
+probability renormalised over the two tokens that are possible in embedding mode. `<eoe>` is its own token, not the
 text `<eos>`: with a shared (and, in tied models, input-tied) row, the halting loss raised the text EOS and greedy
 generation ended before its first word. Text generation never emits `<emb>`, `<eoe>` or `<match>`.
 """
@@ -137,7 +135,6 @@ class ViLLE(nn.Module):
         self.emb_query = nn.Parameter(init[self.tokenizer.convert_tokens_to_ids(EMB_TOKEN)].clone().float())
         self.match_query = nn.Parameter(init.float().mean(0) + 0.02 * torch.randn(self.hidden))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.embed.init_temperature)))
-        self.stop_step_bias = nn.Parameter(torch.zeros(cfg.embed.max_embed_tokens))
         self.llm = apply_lora(llm, cfg.llm.lora) if cfg.llm.lora.enabled else llm
         ids = self.tokenizer
         self.bos_id = ids.bos_token_id if ids.bos_token_id is not None else ids.eos_token_id
@@ -217,21 +214,14 @@ class ViLLE(nn.Module):
     def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self._final_softcap(self.base_llm().get_output_embeddings()(h)).float()
 
-    def stop_logit(self, h: torch.Tensor, step: int | None = None) -> torch.Tensor:
-        """Stop logits of embedding steps: h (B, K, H) of steps 1..K, or (B, H) of step `step` (0-based) ->
-        logit[<eoe>] - logit[<emb>] + stop_step_bias[step] (only those two rows of the LM head are computed; steps
-        past the configured maximum share the last bias)."""
+    def stop_logit(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> (...) logit[<eoe>] - logit[<emb>] (only those two rows of the LM head are computed)."""
         head = self.base_llm().get_output_embeddings()
         rows = torch.tensor([self.eoe_id, self.emb_id], device=h.device)
         w = head.weight[rows]
         logits = F.linear(h.to(w.dtype), w, None if head.bias is None else head.bias[rows])
         logits = self._final_softcap(logits).float()
-        K = self.stop_step_bias.shape[0]
-        if step is None:
-            bias = self.stop_step_bias[torch.arange(h.shape[-2], device=h.device).clamp_max(K - 1)]
-        else:
-            bias = self.stop_step_bias[min(step, K - 1)]
-        return logits[..., 0] - logits[..., 1] + bias.float()
+        return logits[..., 0] - logits[..., 1]
 
     def _full(self, prefixes, suffixes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         embeds, plens, lens = self._pack(prefixes, suffixes)
@@ -326,7 +316,7 @@ class ViLLE(nn.Module):
         for t in range(K):
             act = sess.active
             h = sess.step(query[None].expand(act.numel(), -1))
-            s = self.stop_logit(h, step=t)
+            s = self.stop_logit(h)
             live = ~done[act]  # rows kept alive only until the next compaction do not record anything
             states[act[live], t] = h[live]
             stop_probs[act[live], t] = torch.sigmoid(s[live])

@@ -59,7 +59,6 @@ def test_embedding_decode_equals_full_recomputation(family):
     fr = frames(3)
     k = 4
     with torch.no_grad():
-        model.stop_step_bias.copy_(torch.randn_like(model.stop_step_bias))  # per-step biases: both paths add them
         cached = model.embed_video(fr, num_tokens=k)
         full = model.video_embed_steps(fr, k)
     assert cached.num_tokens.tolist() == [k] * 3
@@ -146,21 +145,6 @@ def test_embedding_stop_is_not_the_text_eos():
         # ... and the stop logits do not move
         torch.testing.assert_close(model.video_embed_steps(fr, k=3).stop_logits, stop, atol=0, rtol=0)
     assert model.eoe_id != model.eos_id
-
-
-def test_stop_step_bias_sets_the_stop_step():
-    """A bias ladder that forbids stopping before step 3 and forces it there stops every sample at exactly 3; the
-    optimiser gives the biases their own learning-rate group (100 x lr by default)."""
-    from ville.optim import OptimCfg, build_optimizer
-
-    model = build("llama")
-    with torch.no_grad():
-        model.stop_step_bias.copy_(torch.tensor([-1e4, -1e4, 1e4, 1e4, 1e4, 1e4]))
-        out = model.embed_video(frames(3))
-    assert out.num_tokens.tolist() == [3, 3, 3]
-    groups = {g["name"]: g for g in build_optimizer(model, OptimCfg(lr=1e-3)).param_groups}
-    assert groups["stop"]["lr"] == pytest.approx(0.1) and groups["stop"]["weight_decay"] == 0.0
-    assert [p.shape for p in groups["stop"]["params"]] == [model.stop_step_bias.shape]
 
 
 def test_stop_threshold_extremes(family):
