@@ -160,6 +160,10 @@ class ViLLE(nn.Module):
         return self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
 
     # ------------------------------------------------------------------------------------------ building blocks
+    def _video_prompt_ids(self, batch: int) -> list[list[int]]:
+        """The fixed video prompt for `batch` samples, tokenized once (the rows share one list; it is only read)."""
+        return self._token_ids([self.cfg.embed.video_prompt], "video_prompt") * batch
+
     def _token_ids(self, texts, what: str) -> list[list[int]]:
         if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
             raise ValueError(f"{what}: expected a list of strings, got {type(texts).__name__}")
@@ -242,10 +246,7 @@ class ViLLE(nn.Module):
         passes precomputed `video_tokens(frames)` (shared with the LM pass of the same batch)."""
         k = k or self.cfg.embed.max_embed_tokens
         B = self.vision.validate(frames)
-        if prompts is None:  # the fixed video prompt: tokenize once, not once per sample
-            prompt_ids = self._token_ids([self.cfg.embed.video_prompt], "video_prompt") * B
-        else:
-            prompt_ids = self._token_ids(prompts, "prompts")
+        prompt_ids = self._video_prompt_ids(B) if prompts is None else self._token_ids(prompts, "prompts")
         states = self._suffix_states(self._video_prefixes(frames, prompt_ids, video), self.emb_query, k)
         return EmbedSteps(self.head.per_step(states), self.stop_logit(states), states)
 
@@ -341,7 +342,7 @@ class ViLLE(nn.Module):
         """Adaptive-length video embedding. `num_tokens=k` is the fixed-length mode (exactly k tokens)."""
         if num_tokens is not None:
             stop_threshold, max_embed_tokens, min_embed_tokens = 2.0, num_tokens, num_tokens
-        prompt_ids = self._token_ids([self.cfg.embed.video_prompt], "video_prompt") * self.vision.validate(frames)
+        prompt_ids = self._video_prompt_ids(self.vision.validate(frames))
         return self._adaptive_embed(self._video_prefixes(frames, prompt_ids), stop_threshold, max_embed_tokens,
                                     min_embed_tokens, _stop_schedule)
 
