@@ -128,7 +128,7 @@ class ViLLE(nn.Module):
         self.vision = VisionTower(cfg.vision)
         llm = build_llm(cfg.llm, len(self.tokenizer), _saved_llm_config)
         self.hidden = int(llm.config.hidden_size)
-        self.projector = Projector(cfg.projector, self.vision.width, self.hidden)
+        self.projector = Projector(cfg.projector, self.vision.out_width, self.hidden)
         self.head = KVFormerHead(cfg.head, self.hidden)
         self.match_head = MatchHead(self.hidden)
         init = llm.get_input_embeddings().weight.detach()

@@ -4,6 +4,12 @@ Input frames are either uint8 `(B, T, H, W, 3)` (what video decoders give) or fl
 H x W (resized to the tower's input size) and any T in [1, max_frames]. Normalisation follows the tower's own timm data
 config (SigLIP: mean = std = 0.5). Output: `(B, T * N, C)` tokens, N patch tokens per frame after pooling, C the
 tower's width.
+
+With `motion: true` each token also carries its change since the previous frame: `(B, T * N, 2C)`, channels
+`[x_t, x_t - x_{t-1}]` (zero change for the first frame). The trunk sees one frame at a time, so without it the LLM
+has to compare frames itself to see what moved, appeared or changed colour; the difference puts that on every token
+(ours: the synthetic benchmark's events are changes, and a from-scratch tiny model did not learn to find them
+(README, design choices)).
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ class VisionCfg:
     overrides: dict[str, Any] = field(default_factory=dict)  # timm kwargs: img_size, patch_size, embed_dim, depth ...
     max_frames: int = 12
     pool: int = 1  # spatial average-pooling stride over the patch grid (2 -> 4x fewer tokens)
+    motion: bool = False  # append each token's change since the previous frame (output width 2C; module docstring)
     freeze: bool = False
     grad_checkpointing: bool = False
 
@@ -57,6 +64,7 @@ class VisionTower(nn.Module):
         self.register_buffer("mean", torch.tensor(data_cfg["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(data_cfg["std"]).view(1, 3, 1, 1), persistent=False)
         self.width = int(self.trunk.num_features)
+        self.out_width = 2 * self.width if cfg.motion else self.width  # channels per output token
         self.num_prefix = int(getattr(self.trunk, "num_prefix_tokens", 0))
         with torch.no_grad():
             probe = self._trunk_tokens(torch.zeros(1, 3, *self.input_size))
@@ -123,5 +131,10 @@ class VisionTower(nn.Module):
         grid = self._trunk_tokens(images)  # (B*T, gh, gw, C)
         if self.cfg.pool > 1:
             grid = F.avg_pool2d(grid.permute(0, 3, 1, 2), self.cfg.pool, ceil_mode=True).permute(0, 2, 3, 1)
-        tokens = grid.reshape(B, T, -1, self.width) + self.temporal_pos[:T, None, :]
-        return tokens.reshape(B, -1, self.width)
+        tokens = grid.reshape(B, T, -1, self.width)
+        if self.cfg.motion:
+            change = torch.cat([torch.zeros_like(tokens[:, :1]), tokens[:, 1:] - tokens[:, :-1]], 1)
+        tokens = tokens + self.temporal_pos[:T, None, :]
+        if self.cfg.motion:
+            tokens = torch.cat([tokens, change], -1)
+        return tokens.reshape(B, -1, self.out_width)

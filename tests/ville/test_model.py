@@ -331,3 +331,26 @@ def test_compacting_loop_equals_pad_fill(family, compact_every):
     out = model.embed_video(fr, _stop_schedule=schedule)
     assert out.num_tokens.tolist() == schedule.tolist() == padfill.num_tokens.tolist()
     torch.testing.assert_close(out.embeddings, padfill.embeddings, rtol=1e-5, atol=1e-5)
+
+
+def test_motion_channels_are_frame_differences():
+    """vision.motion: tokens [x_t + pos_t, x_t - x_{t-1}], zero change for frame 0 and for a still video, and the
+    change is exactly the difference of the per-frame features (the trunk sees frames one at a time)."""
+    cfg = tiny_cfg("llama")
+    cfg.vision.motion = True
+    torch.manual_seed(0)
+    model = ViLLE(cfg).eval()
+    tower, C, N = model.vision, model.vision.width, model.vision.tokens_per_frame
+    assert tower.out_width == 2 * C and model.projector.net[0].in_features == 2 * C
+    fr = frames(2, t=4)
+    with torch.no_grad():
+        out = tower(fr).view(2, 4, N, 2 * C)
+        alone = torch.stack([tower(fr[:, t:t + 1]).view(2, N, 2 * C)[..., :C] - tower.temporal_pos[0]
+                             for t in range(4)], 1)  # per-frame features, each frame encoded on its own
+        still = tower(fr[:, :1].expand(-1, 3, -1, -1, -1)).view(2, 3, N, 2 * C)
+    torch.testing.assert_close(out[..., :C], alone + tower.temporal_pos[:4, None], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[:, 1:, :, C:], alone[:, 1:] - alone[:, :-1], rtol=1e-5, atol=1e-5)
+    assert out[:, 0, :, C:].abs().max() == 0 and still[..., C:].abs().max() == 0
+    assert out[:, 1:, :, C:].abs().amax((2, 3)).min() > 0  # random frames: every later frame changes
+    emb = model.embed_video(fr, num_tokens=2).embeddings  # the whole model runs on the wider tokens
+    assert emb.shape == (2, cfg.head.dim) and torch.isfinite(emb).all()
