@@ -6,7 +6,7 @@ config (SigLIP: mean = std = 0.5). Output: `(B, T * N, C)` tokens, N patch token
 tower's width.
 
 With `motion: true` each token also carries its change since the previous frame: `(B, T * N, 2C)`, channels
-`[x_t, x_t - x_{t-1}]` (zero change for the first frame). The trunk sees one frame at a time, so without it the LLM
+`[x_t + pos_t, x_t - x_{t-1}]` (zero change for the first frame). The trunk sees one frame at a time, so without it the LLM
 has to compare frames itself to see what moved, appeared or changed colour; the difference puts that on every token
 (ours: the synthetic benchmark's events are changes, and a from-scratch tiny model did not learn to find them
 (README, design choices)).
