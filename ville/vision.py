@@ -6,9 +6,9 @@ config (SigLIP: mean = std = 0.5). Output: `(B, T * N, C)` tokens, N patch token
 tower's width.
 
 With `motion: true` each token also carries its change since the previous frame: `(B, T * N, 2C)`, channels
-`[x_t + pos_t, x_t - x_{t-1}]` (zero change for the first frame). The trunk sees one frame at a time, so without it the LLM
-has to compare frames itself to see what moved, appeared or changed colour; the difference puts that on every token
-(ours: the synthetic benchmark's events are changes, and a from-scratch tiny model did not learn to find them
+`[x_t + pos_t, x_t - x_{t-1}]` (zero change for the first frame). The trunk sees one frame at a time, so without it
+the LLM has to compare frames itself to see what moved, appeared or changed colour; the difference puts that on every
+token (ours: the synthetic benchmark's events are changes, and a from-scratch tiny model did not learn to find them
 (README, design choices)).
 """
 from __future__ import annotations
@@ -131,10 +131,8 @@ class VisionTower(nn.Module):
         grid = self._trunk_tokens(images)  # (B*T, gh, gw, C)
         if self.cfg.pool > 1:
             grid = F.avg_pool2d(grid.permute(0, 3, 1, 2), self.cfg.pool, ceil_mode=True).permute(0, 2, 3, 1)
-        tokens = grid.reshape(B, T, -1, self.width)
-        if self.cfg.motion:
-            change = torch.cat([torch.zeros_like(tokens[:, :1]), tokens[:, 1:] - tokens[:, :-1]], 1)
-        tokens = tokens + self.temporal_pos[:T, None, :]
-        if self.cfg.motion:
-            tokens = torch.cat([tokens, change], -1)
+        feats = grid.reshape(B, T, -1, self.width)
+        tokens = feats + self.temporal_pos[:T, None, :]
+        if self.cfg.motion:  # change since the previous frame, zero for the first: (0, 0) pads on C and N, (1, 0) on T
+            tokens = torch.cat([tokens, F.pad(feats.diff(dim=1), (0, 0, 0, 0, 1, 0))], -1)
         return tokens.reshape(B, -1, self.out_width)
