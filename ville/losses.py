@@ -12,9 +12,17 @@ from steps 1..t already ranks its paired text first in the batch by at least `ma
 E[n] = sum_t prod_{s<t} (1 - p_s), which is differentiable in the stop probabilities p_s. A task whose global batch
 has fewer than `halting_min_batch` texts does not feed it: ranking first among three competitors says little about
 a gallery, and such targets (almost all 1) taught the stop logit to fire at step 1 for everything.
+
+Length targets from detailed captions (`halting_target: sentences`, ours): rank-first targets say whether a video is
+easy to retrieve, not how much happens in it, and trained on them the stop probability did not follow the number of
+events. With `sentences`, a detailed caption of S sentences (an opening scene sentence, then one per event) sets the
+target of step t to 1 from t = min(S, K) on: one embedding token per described sentence, so the stop head must learn
+from the pixels how much there is to describe. Only detailed captions feed halting then (rank-first targets from the
+other tasks would contradict them), and `halting_min_batch` does not apply (the targets do not depend on the batch).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +43,7 @@ class LossCfg:
     halting_margin: float = 0.05  # cosine margin of the "already ranks first" test
     halting_min_batch: int = 16  # tasks whose global batch is smaller do not feed the halting loss
     embed_steps: str = "all"  # "all": contrastive loss averaged over every prefix length; "last": step K only
+    halting_target: str = "rank"  # "rank": already ranks first by the margin; "sentences": detailed-caption length
 
 
 def lm_loss(model, batch) -> torch.Tensor:
@@ -105,6 +114,20 @@ def halting_targets(per_step: torch.Tensor, text: torch.Tensor, margin: float,
     return (pos - neg >= margin).float()
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def count_sentences(text: str) -> int:
+    """Sentences of a caption: pieces ending in . ! or ? followed by white space (the last piece needs no end)."""
+    return sum(1 for piece in _SENTENCE_END.split(text.strip()) if piece)
+
+
+def length_targets(texts: list[str], k: int, device=None) -> torch.Tensor:
+    """Detailed captions -> (B, k) halting targets: 1 from step min(S, k) on, S = the caption's sentence count."""
+    n = torch.tensor([min(max(count_sentences(t), 1), k) for t in texts], device=device)
+    return (torch.arange(k, device=device)[None] >= (n - 1)[:, None]).float()
+
+
 def expected_tokens(stop_logits: torch.Tensor, min_tokens: int = 1) -> torch.Tensor:
     """(B, K) stop logits -> (B,) expected number of embedding tokens when stopping at step t with probability p_t
     (no stop before min_tokens, forced stop at K)."""
@@ -161,18 +184,28 @@ def multitask_loss(model, batches: dict[str, dict], cfg: LossCfg) -> tuple[torch
         text_emb = model.text_embed_train(text)
         add(f"contrastive_{task}", cfg.contrastive,
             contrastive_loss(cfg, steps.per_step, text_emb, scale, kmin, groups=(groups, groups)))
-        if (cfg.halting > 0 or cfg.token_cost > 0) and _global_batch(text_emb) >= cfg.halting_min_batch:
+        if cfg.halting_target not in ("rank", "sentences"):
+            raise ValueError(f"loss.halting_target: expected 'rank' or 'sentences', got {cfg.halting_target!r}")
+        if cfg.halting <= 0 and cfg.token_cost <= 0:
+            return
+        if cfg.halting_target == "sentences":
+            if task != "detailed_caption":
+                return
+            targets = length_targets(text, steps.stop_logits.shape[1], text_emb.device)
+        elif _global_batch(text_emb) >= cfg.halting_min_batch:
             targets = halting_targets(steps.per_step, text_emb, cfg.halting_margin, groups)
-            h, stats = halting_loss(cfg, steps.stop_logits, targets, kmin)
-            add(f"halting_{task}", 1.0, h)
-            comps.update({f"{k}_{task}": v for k, v in stats.items()})
+        else:
+            return
+        h, stats = halting_loss(cfg, steps.stop_logits, targets, kmin)
+        add(f"halting_{task}", 1.0, h)
+        comps.update({f"{k}_{task}": v for k, v in stats.items()})
 
     for task, b in batches.items():
         frames = b["frames"]
         samples += frames.shape[0]
         tokens += frames.shape[0] * frames.shape[-4] * model.vision.tokens_per_frame
         if task in ("caption", "detailed_caption", "qa"):
-            video = model.video_tokens(frames)
+            video = model.encode_video(frames)  # tokens + motion energy, shared by the LM and embedding passes
             add(f"lm_{task}", cfg.lm, model.lm_loss(frames, b["prompt"], b["target"], video=video))
             if task != "qa" and cfg.contrastive > 0:
                 embed_and_contrast(task, b, b["target"], _key_groups(b["keys"], frames.device), video)

@@ -10,7 +10,9 @@ The prefix is attended bidirectionally, the suffix causally (see ville/llm.py). 
 inputs are learned vectors (`emb_query`, `match_query`) rather than rows of the LLM's embedding table, so they stay
 trainable when LoRA freezes the LLM. The stop decision of embedding step t is the model choosing between emitting
 the embedding-mode EOS `<eoe>` and another `<emb>`: stop_logit = logit[<eoe>] - logit[<emb>], i.e. the EOS
-probability renormalised over the two tokens that are possible in embedding mode. `<eoe>` is its own token, not the
+probability renormalised over the two tokens that are possible in embedding mode, plus a learned bias per step
+(`stop_step_bias`, zero at init): the step states differ little from one another, and the bias lets the stop head
+compare one per-video evidence against a threshold that moves with t. `<eoe>` is its own token, not the
 text `<eos>`: with a shared (and, in tied models, input-tied) row, the halting loss raised the text EOS and greedy
 generation ended before its first word. Text generation never emits `<emb>`, `<eoe>` or `<match>`.
 """
@@ -41,6 +43,9 @@ class EmbedCfg:
     # query stays in the distribution the embedding steps were trained on (a new instruction here measured worse).
     composed_prompt: str = "Summarize the video in embeddings."
     match_prompt: str = "Does the video match the text?"
+    # The stop logit also reads the video's motion energy through one learned weight (`stop_motion`; needs
+    # model.vision.motion; module docstring).
+    stop_motion: bool = False
     init_temperature: float = 0.05  # contrastive temperature at init (learned as logit_scale = 1 / temperature)
     max_logit_scale: float = 100.0
 
@@ -135,6 +140,10 @@ class ViLLE(nn.Module):
         self.emb_query = nn.Parameter(init[self.tokenizer.convert_tokens_to_ids(EMB_TOKEN)].clone().float())
         self.match_query = nn.Parameter(init.float().mean(0) + 0.02 * torch.randn(self.hidden))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.embed.init_temperature)))
+        self.stop_step_bias = nn.Parameter(torch.zeros(cfg.embed.max_embed_tokens))
+        if cfg.embed.stop_motion and not cfg.vision.motion:
+            raise ValueError("model.embed.stop_motion: needs model.vision.motion: true (it reads the change channels)")
+        self.stop_motion = nn.Parameter(torch.zeros(())) if cfg.embed.stop_motion else None
         self.llm = apply_lora(llm, cfg.llm.lora) if cfg.llm.lora.enabled else llm
         ids = self.tokenizer
         self.bos_id = ids.bos_token_id if ids.bos_token_id is not None else ids.eos_token_id
@@ -185,8 +194,20 @@ class ViLLE(nn.Module):
 
     def video_tokens(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, T, ...) frames -> (B, T*N, H) LLM-width video tokens."""
+        return self.encode_video(frames)[0]
+
+    def encode_video(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T, ...) frames -> (video tokens (B, T*N, H), motion energy (B,) or None without `embed.stop_motion`).
+        The energy is the mean over a clip's tokens of the RMS over channels of each token's change since the previous
+        frame (the tower's motion channels), without gradient: the stop head reads it, halting does not train the
+        tower through it."""
         self.vision.validate(frames)
-        return self.projector(self.vision(frames.to(self.device))).to(self._llm_dtype)
+        x = self.vision(frames.to(self.device))
+        energy = None
+        if self.stop_motion is not None:
+            C = self.vision.width
+            energy = (x[..., C:].detach().float().norm(dim=-1) / C ** 0.5).mean(1)
+        return self.projector(x).to(self._llm_dtype), energy
 
     def _pack(self, prefixes: list[list[torch.Tensor]], suffixes: list[torch.Tensor] | None = None):
         """Concatenate each sample's prefix parts (+ suffix), right-pad. -> embeds (B, L, H), prefix_lens, lens."""
@@ -218,14 +239,26 @@ class ViLLE(nn.Module):
     def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self._final_softcap(self.base_llm().get_output_embeddings()(h)).float()
 
-    def stop_logit(self, h: torch.Tensor) -> torch.Tensor:
-        """(..., H) -> (...) logit[<eoe>] - logit[<emb>] (only those two rows of the LM head are computed)."""
+    def stop_logit(self, h: torch.Tensor, step: int | None = None, energy: torch.Tensor | None = None) -> torch.Tensor:
+        """Stop logits of embedding steps: h (B, K, H) of steps 1..K, or (B, H) of step `step` (0-based); energy (B,)
+        from `encode_video` -> logit[<eoe>] - logit[<emb>] + stop_step_bias[step] + stop_motion * log(energy + 1e-4)
+        (only those two rows of the LM head are computed; steps past the configured maximum share the last bias; the
+        motion term only with `embed.stop_motion` and a video; 1e-4 is well below a moving clip's energy, ~0.02)."""
         head = self.base_llm().get_output_embeddings()
         rows = torch.tensor([self.eoe_id, self.emb_id], device=h.device)
         w = head.weight[rows]
         logits = F.linear(h.to(w.dtype), w, None if head.bias is None else head.bias[rows])
         logits = self._final_softcap(logits).float()
-        return logits[..., 0] - logits[..., 1]
+        K = self.stop_step_bias.shape[0]
+        if step is None:
+            bias = self.stop_step_bias[torch.arange(h.shape[-2], device=h.device).clamp_max(K - 1)]
+        else:
+            bias = self.stop_step_bias[min(step, K - 1)]
+        out = logits[..., 0] - logits[..., 1] + bias.float()
+        if energy is not None and self.stop_motion is not None:
+            term = self.stop_motion * torch.log(energy.float() + 1e-4)
+            out = out + (term[:, None] if step is None else term)
+        return out
 
     def _full(self, prefixes, suffixes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         embeds, plens, lens = self._pack(prefixes, suffixes)
@@ -243,25 +276,26 @@ class ViLLE(nn.Module):
     def video_embed_steps(self, frames, k: int | None = None, prompts: list[str] | None = None,
                           video: torch.Tensor | None = None) -> EmbedSteps:
         """All k embedding steps in one forward (with gradients). prompts=None uses embed.video_prompt; `video`
-        passes precomputed `video_tokens(frames)` (shared with the LM pass of the same batch)."""
+        passes precomputed `encode_video(frames)` (shared with the LM pass of the same batch)."""
         k = k or self.cfg.embed.max_embed_tokens
         B = self.vision.validate(frames)
         prompt_ids = self._video_prompt_ids(B) if prompts is None else self._token_ids(prompts, "prompts")
-        states = self._suffix_states(self._video_prefixes(frames, prompt_ids, video), self.emb_query, k)
-        return EmbedSteps(self.head.per_step(states), self.stop_logit(states), states)
+        tokens, energy = self.encode_video(frames) if video is None else video
+        states = self._suffix_states(self._video_prefixes(frames, prompt_ids, tokens), self.emb_query, k)
+        return EmbedSteps(self.head.per_step(states), self.stop_logit(states, energy=energy), states)
 
     def composed_embed_steps(self, frames, edits, k: int | None = None) -> EmbedSteps:
         edit_ids = self._token_ids(edits, "edits")
         prompt = self._token_ids([self.cfg.embed.composed_prompt], "composed_prompt")[0]
         return self.video_embed_steps(frames, k, prompts=[e + prompt for e in edit_ids])
 
-    def lm_loss(self, frames, prompts, targets, video: torch.Tensor | None = None) -> torch.Tensor:
-        """Next-token loss on the targets (+ <eos>) given video + prompt."""
+    def lm_loss(self, frames, prompts, targets, video: tuple | None = None) -> torch.Tensor:
+        """Next-token loss on the targets (+ <eos>) given video + prompt; `video`: precomputed `encode_video(frames)`."""
         prompt_ids = self._token_ids(prompts, "prompts")
         target_ids = [t + [self.eos_id] for t in self._token_ids(targets, "targets")]
         if len(target_ids) != len(prompt_ids):
             raise ValueError(f"{len(prompt_ids)} prompts but {len(target_ids)} targets")
-        prefixes = self._video_prefixes(frames, prompt_ids, video)
+        prefixes = self._video_prefixes(frames, prompt_ids, None if video is None else video[0])
         h, plens, lens = self._full(prefixes, [self._embed_ids(t) for t in target_ids])
         # Position plens-1+j predicts target token j.
         tlen = max(len(t) for t in target_ids)
@@ -297,8 +331,9 @@ class ViLLE(nn.Module):
     # -------------------------------------------------------------------------------------------- inference
     @torch.no_grad()
     def _adaptive_embed(self, prefixes, stop_threshold, max_embed_tokens, min_embed_tokens,
-                        stop_schedule: torch.Tensor | None = None) -> EmbedOutput:
-        """`stop_schedule` (B,) forces each sample's stop step (benchmarks and tests of the loop's cost)."""
+                        stop_schedule: torch.Tensor | None = None, energy: torch.Tensor | None = None) -> EmbedOutput:
+        """`stop_schedule` (B,) forces each sample's stop step (benchmarks and tests of the loop's cost); `energy` (B,)
+        is the prefix video's motion energy (`encode_video`), read by the stop logit."""
         e = self.cfg.embed
         K = max_embed_tokens if max_embed_tokens is not None else e.max_embed_tokens
         kmin = min_embed_tokens if min_embed_tokens is not None else e.min_embed_tokens
@@ -317,7 +352,7 @@ class ViLLE(nn.Module):
         for t in range(K):
             act = sess.active
             h = sess.step(query[None].expand(act.numel(), -1))
-            s = self.stop_logit(h)
+            s = self.stop_logit(h, step=t, energy=None if energy is None else energy[act])
             live = ~done[act]  # rows kept alive only until the next compaction do not record anything
             states[act[live], t] = h[live]
             stop_probs[act[live], t] = torch.sigmoid(s[live])
@@ -343,8 +378,9 @@ class ViLLE(nn.Module):
         if num_tokens is not None:
             stop_threshold, max_embed_tokens, min_embed_tokens = 2.0, num_tokens, num_tokens
         prompt_ids = self._video_prompt_ids(self.vision.validate(frames))
-        return self._adaptive_embed(self._video_prefixes(frames, prompt_ids), stop_threshold, max_embed_tokens,
-                                    min_embed_tokens, _stop_schedule)
+        tokens, energy = self.encode_video(frames)
+        return self._adaptive_embed(self._video_prefixes(frames, prompt_ids, tokens), stop_threshold, max_embed_tokens,
+                                    min_embed_tokens, _stop_schedule, energy)
 
     def embed_composed(self, frames, edits, stop_threshold=None, max_embed_tokens=None, min_embed_tokens=None,
                        num_tokens: int | None = None) -> EmbedOutput:
@@ -353,8 +389,9 @@ class ViLLE(nn.Module):
             stop_threshold, max_embed_tokens, min_embed_tokens = 2.0, num_tokens, num_tokens
         edit_ids = self._token_ids(edits, "edits")
         prompt = self._token_ids([self.cfg.embed.composed_prompt], "composed_prompt")[0]
-        prefixes = self._video_prefixes(frames, [e + prompt for e in edit_ids])
-        return self._adaptive_embed(prefixes, stop_threshold, max_embed_tokens, min_embed_tokens)
+        tokens, energy = self.encode_video(frames)
+        prefixes = self._video_prefixes(frames, [e + prompt for e in edit_ids], tokens)
+        return self._adaptive_embed(prefixes, stop_threshold, max_embed_tokens, min_embed_tokens, energy=energy)
 
     @torch.no_grad()
     def embed_text(self, texts) -> torch.Tensor:

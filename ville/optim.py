@@ -1,5 +1,5 @@
-"""Optimiser and schedule: AdamW with per-part learning rates (tower / LLM / LoRA / projector / heads), warmup then
-cosine decay to `min_lr_ratio` of each group's peak rate."""
+"""Optimiser and schedule: AdamW with per-part learning rates (tower / LLM / LoRA / projector and heads / stop
+biases), warmup then cosine decay to `min_lr_ratio` of each group's peak rate."""
 from __future__ import annotations
 
 import math
@@ -15,6 +15,10 @@ class OptimCfg:
     lr_vision: float | None = None  # None: same as lr
     lr_llm: float | None = None  # full LLM weights (when not frozen by LoRA)
     lr_lora: float | None = None
+    # The stop group: the per-step stop biases (model.stop_step_bias) and the motion weight (model.stop_motion). They
+    # are logits and logit slopes that start at zero; Adam moves a parameter by about lr a step, so at lr they would
+    # need thousands of steps to move one unit. None: 100 x lr.
+    lr_stop: float | None = None
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
@@ -32,6 +36,8 @@ def part_of(name: str) -> str:
         return "llm"
     if name.startswith("vision.trunk."):
         return "vision"
+    if name in ("stop_step_bias", "stop_motion"):
+        return "stop"
     return "base"  # projector, temporal position, heads, queries, logit scale
 
 
@@ -40,7 +46,8 @@ def _no_decay(name: str, p: nn.Parameter) -> bool:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimCfg) -> torch.optim.Optimizer:
-    lrs = {"base": cfg.lr, "vision": cfg.lr_vision or cfg.lr, "llm": cfg.lr_llm or cfg.lr, "lora": cfg.lr_lora or cfg.lr}
+    lrs = {"base": cfg.lr, "vision": cfg.lr_vision or cfg.lr, "llm": cfg.lr_llm or cfg.lr, "lora": cfg.lr_lora or cfg.lr,
+           "stop": cfg.lr_stop or 100 * cfg.lr}
     groups: dict[tuple[str, bool], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:

@@ -1,11 +1,12 @@
 """Halting supervision: targets on hand-built similarities, E[tokens] against enumeration, the small-batch rule."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import build, frames
 
-from ville.losses import LossCfg, expected_tokens, halting_targets, multitask_loss
+from ville.losses import LossCfg, count_sentences, expected_tokens, halting_targets, length_targets, multitask_loss
 
 
 def test_halting_targets_by_hand():
@@ -46,3 +47,32 @@ def test_small_batches_do_not_feed_halting():
     assert "contrastive_retrieval" in comps and "halting_retrieval" not in comps
     _, comps = multitask_loss(model, {"retrieval": b}, LossCfg(halting_min_batch=3))
     assert "halting_retrieval" in comps and "stop_target_rate_retrieval" in comps
+
+
+def test_length_targets_by_hand():
+    """S sentences -> targets 1 from step min(S, K) on; abbreviation-free sentence ends only split at white space."""
+    texts = ["At the start, a red circle is on grey. First, it moves left. Finally, it grows.",  # S = 3
+             "Only one sentence without a full stop",  # S = 1
+             "One. Two. Three! Four? Five. Six.",  # S = 6 > K = 4: stop at K
+             "A 1.5 times bigger square."]  # "1.5" is no sentence end: S = 1
+    assert [count_sentences(t) for t in texts] == [3, 1, 6, 1]
+    assert length_targets(texts, 4).tolist() == [[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1], [1, 1, 1, 1]]
+
+
+def test_sentence_targets_feed_halting_from_detailed_captions_only():
+    """halting_target=sentences: a detailed-caption batch (of any size) feeds halting with the length targets; a
+    retrieval batch feeds only InfoNCE; an unknown halting_target is an error naming the key."""
+    model = build("llama")
+    cap = {"frames": frames(2), "prompt": ["describe the video.", "describe the video."],
+           "target": ["A red circle. It moves left. It grows.", "A blue square."], "keys": ["a", "b"]}
+    ret = {"frames": frames(3), "text": ["a red circle", "a blue square", "a green star"],
+           "group": torch.tensor([1, 2, 3])}
+    cfg = LossCfg(halting_target="sentences", halting_min_batch=64)
+    _, comps = multitask_loss(model, {"detailed_caption": cap, "retrieval": ret}, cfg)
+    assert "halting_detailed_caption" in comps and "halting_retrieval" not in comps
+    K = model.cfg.embed.max_embed_tokens
+    kmin = model.cfg.embed.min_embed_tokens
+    expect = length_targets(cap["target"], K)[:, kmin - 1:].mean().item()
+    assert abs(comps["stop_target_rate_detailed_caption"] - expect) < 1e-6
+    with pytest.raises(ValueError, match="loss.halting_target.*'length'"):
+        multitask_loss(model, {"retrieval": ret}, LossCfg(halting_target="length"))

@@ -1,6 +1,8 @@
 """The model on CPU with tiny configs of three decoder families (Gemma2, Llama, Qwen2)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import build, frames, tiny_cfg
@@ -59,6 +61,7 @@ def test_embedding_decode_equals_full_recomputation(family):
     fr = frames(3)
     k = 4
     with torch.no_grad():
+        model.stop_step_bias.copy_(torch.randn_like(model.stop_step_bias))  # per-step biases: both paths add them
         cached = model.embed_video(fr, num_tokens=k)
         full = model.video_embed_steps(fr, k)
     assert cached.num_tokens.tolist() == [k] * 3
@@ -145,6 +148,21 @@ def test_embedding_stop_is_not_the_text_eos():
         # ... and the stop logits do not move
         torch.testing.assert_close(model.video_embed_steps(fr, k=3).stop_logits, stop, atol=0, rtol=0)
     assert model.eoe_id != model.eos_id
+
+
+def test_stop_step_bias_sets_the_stop_step():
+    """A bias ladder that forbids stopping before step 3 and forces it there stops every sample at exactly 3; the
+    optimiser gives the biases their own learning-rate group (100 x lr by default)."""
+    from ville.optim import OptimCfg, build_optimizer
+
+    model = build("llama")
+    with torch.no_grad():
+        model.stop_step_bias.copy_(torch.tensor([-1e4, -1e4, 1e4, 1e4, 1e4, 1e4]))
+        out = model.embed_video(frames(3))
+    assert out.num_tokens.tolist() == [3, 3, 3]
+    groups = {g["name"]: g for g in build_optimizer(model, OptimCfg(lr=1e-3)).param_groups}
+    assert groups["stop"]["lr"] == pytest.approx(0.1) and groups["stop"]["weight_decay"] == 0.0
+    assert [p.shape for p in groups["stop"]["params"]] == [model.stop_step_bias.shape]
 
 
 def test_stop_threshold_extremes(family):
@@ -354,3 +372,39 @@ def test_motion_channels_are_frame_differences():
     assert out[:, 1:, :, C:].abs().amax((2, 3)).min() > 0  # random frames: every later frame changes
     emb = model.embed_video(fr, num_tokens=2).embeddings  # the whole model runs on the wider tokens
     assert emb.shape == (2, cfg.head.dim) and torch.isfinite(emb).all()
+
+
+def test_stop_motion_reads_the_motion_energy():
+    """embed.stop_motion: encode_video's energy is the mean over tokens of the RMS change channels (zero for a still
+    video); the stop logit gains stop_motion * log(energy + 1e-4), the same in the teacher-forced and the decoding
+    pass; a model without it loads with the weight at zero and embeds exactly as before; it needs vision.motion."""
+    cfg = tiny_cfg("llama")
+    cfg.vision.motion = True
+    torch.manual_seed(0)
+    plain_model = ViLLE(cfg).eval()
+    cfg = copy.deepcopy(cfg)
+    cfg.embed.stop_motion = True
+    model = ViLLE(cfg).eval()
+    report = model.load_state_dict(plain_model.state_dict(), strict=False)
+    assert report.missing_keys == ["stop_motion"] and not report.unexpected_keys
+    fr = frames(3, t=4)
+    with torch.no_grad():
+        before = model.embed_video(fr)
+        ref = plain_model.embed_video(fr)
+        assert before.num_tokens.tolist() == ref.num_tokens.tolist()
+        torch.testing.assert_close(before.embeddings, ref.embeddings)
+        model.stop_motion.fill_(-2.0)
+        model.stop_step_bias.copy_(torch.randn_like(model.stop_step_bias))
+        tokens, energy = model.encode_video(fr)
+        x, C = model.vision(fr), model.vision.width
+        torch.testing.assert_close(energy.double(), x[..., C:].double().pow(2).mean(-1).sqrt().mean(1))
+        assert energy.min() > 0 and model.encode_video(fr[:, :1].expand(-1, 4, -1, -1, -1))[1].abs().max() == 0
+        steps = model.video_embed_steps(fr, 4)
+        term = (-2.0 * torch.log(energy + 1e-4))[:, None].expand(-1, 4)
+        torch.testing.assert_close(steps.stop_logits - model.stop_logit(steps.states), term)
+        out = model.embed_video(fr, num_tokens=4)
+        torch.testing.assert_close(out.stop_probs, torch.sigmoid(steps.stop_logits), rtol=1e-4, atol=1e-5)
+    cfg = tiny_cfg("llama")
+    cfg.embed.stop_motion = True
+    with pytest.raises(ValueError, match="stop_motion.*vision.motion"):
+        ViLLE(cfg)
