@@ -7,6 +7,8 @@
    from its last checkpoint.
 3. Each stage's final model is evaluated on the test split (stage 3 also on the compositional split and on
    every task), so the table shows what each stage contributes. Every number is printed beside its baseline.
+   The two settings chosen from data, the re-ranking fusion weight and the moment window scoring, are chosen on the
+   val split (`tune_on_val`), never on the splits they are reported on.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import subprocess
 import sys
 import time
 
+FUSION_GRID = (None, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # None: the matching probability alone
+MOMENT_SCORES = ("cosine", "zscale")
 STAGE_TASKS = {1: ["retrieval", "adaptive"], 2: ["retrieval", "long_text", "adaptive"],
                3: ["retrieval", "rerank", "moment", "qa", "composed", "long_text", "adaptive"]}
 
@@ -51,6 +55,26 @@ def train_stage(stage: int, data: str, runs: str, extra: list[str]) -> str:
         raise SystemExit(f"[demo] stage {stage} failed")
     print(f"[demo] stage {stage} trained in {time.time() - t0:.0f} s")
     return final
+
+
+def tune_on_val(final: str, data: str, runs: str, max_clips: int) -> dict:
+    """Evaluation options chosen on the val split: the re-ranking fusion weight (`rerank_fusion`, best stage-2 R@1)
+    and the moment window scoring (`moment_score`, best R1@0.5); the first choice wins ties. {} without a val split."""
+    from .eval import evaluate
+
+    if not os.path.isdir(os.path.join(data, "val")):
+        return {}
+    out = os.path.join(runs, "eval", "stage3-val.json")
+    chosen = {}
+    for option, grid, task, metric in (("rerank_fusion", FUSION_GRID, "rerank", lambda r: r["stage2"]["R@1"]),
+                                       ("moment_score", MOMENT_SCORES, "moment", lambda r: r["R1@0.5"])):
+        scores = {}
+        for value in grid:  # embeddings and match scores are cached after the first value
+            res = evaluate(final, data, tasks=[task], split="val", max_clips=max_clips, out=out, **{option: value})
+            scores[value] = metric(res[task])
+        chosen[option] = max(grid, key=lambda v: (scores[v], -grid.index(v)))
+        print(f"[demo] {option} on val ({task}: {scores}) -> {chosen[option]!r}")
+    return chosen
 
 
 def _pick(results: dict) -> dict[str, tuple[float | None, float | None]]:
@@ -123,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .eval import evaluate, format_table
 
+    tuned = tune_on_val(finals[3], args.data, args.runs, args.eval_clips)
     columns: dict[str, dict] = {}
     full = {}
     for stage, final in finals.items():
@@ -131,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             tasks = STAGE_TASKS[stage] if split == "test" else ["retrieval", "qa", "adaptive"]
             out = os.path.join(args.runs, "eval", f"stage{stage}-{split}.json")
             print(f"[demo] evaluating stage {stage} on {split}: {', '.join(tasks)}")
-            res = evaluate(final, args.data, tasks=tasks, split=split, max_clips=args.eval_clips, out=out)
+            res = evaluate(final, args.data, tasks=tasks, split=split, max_clips=args.eval_clips, out=out, **tuned)
             columns[f"stage{stage} {split}"] = _pick(res)
             full[f"stage{stage}-{split}"] = res
     print()

@@ -57,9 +57,13 @@ class EvalCfg:
     dual_softmax: bool = _opt(False, "also report dual-softmax retrieval (labelled as such)")
     dual_softmax_scale: float | None = _opt(None, "dual-softmax temperature (default: the model's logit scale)")
     rerank_k: int = _opt(10, "the matching head re-ranks each query's top k")
+    rerank_fusion: float | None = _opt(None, "stage 2 orders the top k by scale * cosine + W * logit(match "
+                                             "probability) instead of the probability alone (choose W on val)")
     moment_scales: tuple = _opt((0.1, 0.2, 0.3, 0.5, 0.75, 1.0), "window lengths, fractions of the duration")
     moment_stride: float = _opt(0.5, "window step, fraction of the window length")
     nms_threshold: float = _opt(0.5, "temporal NMS: drop windows with IoU > this with a better one")
+    moment_score: str = _opt("cosine", "window scores: 'cosine' (text-window), or 'zscale' (that cosine standardised "
+                                       "among the query's windows of the same length; choose on val)")
     qa_max_new_tokens: int = _opt(8, "greedy answer length limit")
     qa_min_new_tokens: int = _opt(1, "<eos> is not allowed before this many answer tokens (every answer is a word)")
     composed_split: str = _opt("composed", "composed triplets; the gallery is <this>_gallery")
@@ -315,7 +319,7 @@ def _retrieval(clips, V: torch.Tensor, temb: dict, cfg: EvalCfg, dsl_scale: floa
     return out
 
 
-def _rerank(model, clips, V, temb, store: ClipStore, cache: Cache, cfg: EvalCfg) -> dict:
+def _rerank(model, clips, V, temb, store: ClipStore, cache: Cache, cfg: EvalCfg, scale: float) -> dict:
     k = cfg.rerank_k
     pairs = [(i, _single_caption(m)) for i, (_, m) in enumerate(clips) if _single_caption(m)]
     if not pairs:
@@ -355,13 +359,17 @@ def _rerank(model, clips, V, temb, store: ClipStore, cache: Cache, cfg: EvalCfg)
         if owner not in cands:
             second.append(int(first[q]))
             continue
-        probs = torch.tensor([done[f"{keys[j]}\t{text}"] for j in cands])
-        second.append(int(M.retrieval_ranks(probs[None], torch.tensor([j == owner for j in cands])[None])[0]))
+        score = torch.tensor([done[f"{keys[j]}\t{text}"] for j in cands], dtype=torch.float64)
+        if cfg.rerank_fusion is not None:
+            score = scale * S[q, cands] + cfg.rerank_fusion * torch.logit(score, eps=1e-6)
+        second.append(int(M.retrieval_ranks(score[None], torch.tensor([j == owner for j in cands])[None])[0]))
     s1, s2 = _pct(M.recall_metrics(first, KS)), _pct(M.recall_metrics(second, KS))
+    by = ("the matching head's probability (model.match)" if cfg.rerank_fusion is None else
+          f"{scale:.4g} x cosine + {cfg.rerank_fusion:g} x logit(matching probability) (model.match)")
     return {"protocol": f"single-caption T2V; stage 1 ranks the gallery by embedding cosine, stage 2 re-orders each "
-                        f"query's top-{k} (stable sort, ties to the lower gallery index) by the matching head's "
-                        f"probability (model.match, ties pessimistic); items below the top-{k} keep their rank",
-            "k": k, "num_queries": len(pairs), "stage1": s1, "stage2": s2,
+                        f"query's top-{k} (stable sort, ties to the lower gallery index) by {by}, ties pessimistic; "
+                        f"items below the top-{k} keep their rank",
+            "k": k, "num_queries": len(pairs), "fusion_weight": cfg.rerank_fusion, "stage1": s1, "stage2": s2,
             "gain": {f"R@{x}": round(s2[f"R@{x}"] - s1[f"R@{x}"], 2) for x in KS},
             "oracle_R@1": round(100.0 * float(np.mean(np.asarray(first) <= k)), 2)}
 
@@ -395,6 +403,8 @@ def _moment(model, clips, temb, store: ClipStore, cache: Cache, cfg: EvalCfg) ->
         W, E = done[key]["windows"], done[key]["emb"].double()
         for ev in _events(meta):
             scores = (E @ temb[ev["text"]].double()).numpy()
+            if cfg.moment_score == "zscale":
+                scores = M.zscore_by_length(W, scores)
             keep = M.temporal_nms(W, scores, cfg.nms_threshold, max_keep=10)
             preds.append(np.concatenate([W[keep], scores[keep, None]], 1))
             top1.append(W[keep[0]])
@@ -402,9 +412,11 @@ def _moment(model, clips, temb, store: ClipStore, cache: Cache, cfg: EvalCfg) ->
             cands.append(W)
     r1 = M.moment_r1(np.array(top1), gts)
     ap = M.moment_average_precision(preds, gts)
+    zscale = ", standardised among the query's windows of the same length" if cfg.moment_score == "zscale" else ""
     return {"protocol": f"each event text of each clip is a query over that clip's candidate windows (lengths "
                         f"{list(cfg.moment_scales)} x duration, stride {cfg.moment_stride} x length, one window flush "
-                        f"with the end; {cfg.num_frames} frames decoded per window), scored by text-window cosine, "
+                        f"with the end; {cfg.num_frames} frames decoded per window), scored by text-window cosine"
+                        f"{zscale}, "
                         f"temporal NMS (IoU > {cfg.nms_threshold} suppressed), top 10 kept; R1@t / mIoU / mAP as the "
                         f"QVHighlights standalone eval (best IoU over GT windows; VOC all-point interpolated AP per "
                         f"query, averaged over queries; mAP = mean over IoU 0.5:0.05:0.95)",
@@ -558,6 +570,8 @@ def evaluate(model, data_dir: str, tasks=TASKS, split: str = "test", *, identity
     bad = set(cfg.tasks) - set(TASKS)
     if bad:
         raise ValueError(f"unknown task(s) {sorted(bad)}; choose from {TASKS}")
+    if cfg.moment_score not in ("cosine", "zscale"):
+        raise ValueError(f"moment_score: expected 'cosine' or 'zscale', got {cfg.moment_score!r}")
     model_dir = os.path.abspath(model_dir) if model_dir else None
     if isinstance(model, (str, os.PathLike)):
         model_dir = os.path.abspath(model)
@@ -622,11 +636,12 @@ def _run(model, data_dir: str, cfg: EvalCfg, cache: Cache, out_dir: str | None) 
         temb = _text_embeddings(model, texts, cache, cfg)
         store = ClipStore(shards) if tasks & {"rerank", "moment"} else None
         lead = _dist()[0] == 0  # sections without model work run on rank 0 only
-        scale = cfg.dual_softmax_scale or float(model.logit_scale.exp().clamp(max=model.cfg.embed.max_logit_scale))
+        model_scale = float(model.logit_scale.exp().clamp(max=model.cfg.embed.max_logit_scale))
+        scale = cfg.dual_softmax_scale or model_scale
         if "retrieval" in tasks and lead:
             results["retrieval"] = _retrieval(clips, V, temb, cfg, scale)
         if "rerank" in tasks:
-            results["rerank"] = _rerank(model, clips, V, temb, store, cache, cfg)
+            results["rerank"] = _rerank(model, clips, V, temb, store, cache, cfg, model_scale)
         if "moment" in tasks:
             results["moment"] = _moment(model, clips, temb, store, cache, cfg)
         if "qa" in tasks and lead:

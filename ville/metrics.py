@@ -103,6 +103,23 @@ def temporal_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
+def zscore_by_length(windows: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Each window's score standardised among the windows of the same length (lengths equal to 1e-6; population
+    std); a length with one window, or with equal scores, gives 0. Raw cosines favour the lengths that have the most
+    windows, whose maximum is taken over the most draws; after this each length competes on how far its best window
+    stands out from its own kind."""
+    windows = np.asarray(windows, dtype=np.float64).reshape(-1, 2)
+    scores = np.asarray(scores, dtype=np.float64)
+    lengths = np.round(windows[:, 1] - windows[:, 0], 6)
+    out = np.zeros_like(scores)
+    for length in np.unique(lengths):
+        i = lengths == length
+        sd = scores[i].std()
+        if i.sum() > 1 and sd > 0:
+            out[i] = (scores[i] - scores[i].mean()) / sd
+    return out
+
+
 def temporal_nms(windows: np.ndarray, scores: np.ndarray, threshold: float, max_keep: int | None = None
                  ) -> np.ndarray:
     """Indices of kept windows, by descending score (equal scores: input order). A window is dropped when its IoU

@@ -290,7 +290,7 @@ class ViLLE(nn.Module):
         return self.video_embed_steps(frames, k, prompts=[e + prompt for e in edit_ids])
 
     def lm_loss(self, frames, prompts, targets, video: tuple | None = None) -> torch.Tensor:
-        """Next-token loss on the targets (+ <eos>) given video + prompt; `video`: precomputed `encode_video(frames)`."""
+        """Next-token loss on the targets (+ <eos>) given video + prompt; `video`: precomputed encode_video(frames)."""
         prompt_ids = self._token_ids(prompts, "prompts")
         target_ids = [t + [self.eos_id] for t in self._token_ids(targets, "targets")]
         if len(target_ids) != len(prompt_ids):

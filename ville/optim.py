@@ -46,8 +46,8 @@ def _no_decay(name: str, p: nn.Parameter) -> bool:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimCfg) -> torch.optim.Optimizer:
-    lrs = {"base": cfg.lr, "vision": cfg.lr_vision or cfg.lr, "llm": cfg.lr_llm or cfg.lr, "lora": cfg.lr_lora or cfg.lr,
-           "stop": cfg.lr_stop or 100 * cfg.lr}
+    lrs = {"base": cfg.lr, "vision": cfg.lr_vision or cfg.lr, "llm": cfg.lr_llm or cfg.lr,
+           "lora": cfg.lr_lora or cfg.lr, "stop": cfg.lr_stop or 100 * cfg.lr}
     groups: dict[tuple[str, bool], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:

@@ -179,6 +179,28 @@ def test_second_run_hits_the_cache(env, first_run):
     assert calls["embed_video"] > 0 and calls["embed_text"] > 0
 
 
+def test_rerank_fusion_and_moment_scoring(env, first_run):
+    """rerank_fusion=W orders the top k by scale * cosine + W * logit(p): W = 0 keeps stage 1's order, a huge W gives
+    the probability-only order; moment_score='zscale' rescores the cached windows; no model call, the choices in
+    the output."""
+    res, out = first_run
+    model = ViLLE.from_pretrained(str(env / "model"))
+    calls = _count_calls(model)
+    runs = {w: E.evaluate(model, str(env / "data"), identity=model_identity(str(env / "model")), tasks=["rerank"],
+                          out=str(out.parent / f"fusion{w:g}.json"), rerank_fusion=w, **OPTS)["rerank"]
+            for w in (0.0, 1e9)}
+    assert calls == {n: 0 for n in calls}
+    assert runs[0.0]["stage2"] == res["rerank"]["stage1"] and runs[0.0]["fusion_weight"] == 0.0
+    assert runs[1e9]["stage2"] == res["rerank"]["stage2"] and "logit(matching probability)" in runs[1e9]["protocol"]
+    assert res["rerank"]["fusion_weight"] is None
+    z = E.evaluate(model, str(env / "data"), identity=model_identity(str(env / "model")), tasks=["moment"],
+                   out=str(out.parent / "zscale.json"), moment_score="zscale", **OPTS)["moment"]
+    assert calls == {n: 0 for n in calls}  # window embeddings cached too
+    assert "same length" in z["protocol"] and z["random_window"] == res["moment"]["random_window"]
+    with pytest.raises(ValueError, match="moment_score.*'zscale'"):
+        E.evaluate(model, str(env / "data"), tasks=["moment"], moment_score="z", **OPTS)
+
+
 def test_cli_compositional_split_with_dual_softmax(env, capsys):
     out = env / "cli" / "comp.json"
     out.parent.mkdir()

@@ -94,6 +94,20 @@ def test_nms():
     assert M.temporal_nms(windows, scores, 1.0).tolist() == [3, 0, 1, 2]
 
 
+def test_zscore_by_length_by_hand():
+    """Three 1-s windows scored 1, 2, 3: mean 2, population std sqrt(2/3) -> -1.2247, 0, 1.2247; two 2-s windows with
+    equal scores and the single 3-s window -> 0; window order does not matter."""
+    windows = np.array([[0, 1], [1, 2], [2, 3], [0, 2], [1, 3], [0, 3]], dtype=float)
+    scores = np.array([1.0, 2.0, 3.0, 5.0, 5.0, 9.0])
+    z = M.zscore_by_length(windows, scores)
+    np.testing.assert_allclose(z, [-1.224744871, 0, 1.224744871, 0, 0, 0], atol=1e-9)
+    perm = np.array([5, 2, 0, 4, 1, 3])
+    np.testing.assert_allclose(M.zscore_by_length(windows[perm], scores[perm]), z[perm], atol=1e-12)
+    # lengths equal to 1e-6 are one group (windows flush with the end are computed, not typed)
+    w2 = np.array([[0.0, 0.1], [0.1, 0.2000000001], [0.5, 1.0]])
+    np.testing.assert_allclose(M.zscore_by_length(w2, np.array([0.0, 2.0, 7.0])), [-1, 1, 0], atol=1e-9)
+
+
 def test_r1_and_miou_multi_window():
     top1 = np.array([[0, 2], [0, 4], [5, 6], [0, 1]])
     gts = [np.array([[1, 3]]),               # IoU 1/3
