@@ -1,0 +1,45 @@
+"""The demo's choices on the val split: each setting is the best of its grid by the val metric (first wins ties),
+and a dataset without val changes nothing."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_cfg
+
+from ville import ViLLE
+from ville import demo as D
+from ville import eval as E
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_tune_on_val_picks_the_best_of_each_grid(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, "-m", "data_tools.synth", "--out", str(data), "--seed", "5", "--num-train", "2",
+                    "--num-val", "5", "--num-test", "0", "--num-compositional", "0", "--num-composed", "0",
+                    "--workers", "1", "--no-progress"], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    cfg = tiny_cfg("llama")
+    cfg.vision.motion = cfg.embed.stop_motion = True
+    torch.manual_seed(0)
+    ViLLE(cfg).save_pretrained(str(tmp_path / "model"))
+    # Small windows and batches keep it quick; the grids and the choice rule are the demo's own.
+    defaults = dict(moment_scales=(0.5, 1.0), batch_size=8, progress=False)
+    real = E.evaluate
+    monkeypatch.setattr(E, "evaluate", lambda *a, **k: real(*a, **{**defaults, **k}))
+    chosen = D.tune_on_val(str(tmp_path / "model"), str(data), str(tmp_path / "runs"), max_clips=5)
+    assert set(chosen) == {"rerank_fusion", "moment_score"}
+    for option, grid, task, metric in (("rerank_fusion", D.FUSION_GRID, "rerank", lambda r: r["stage2"]["R@1"]),
+                                       ("moment_score", D.MOMENT_SCORES, "moment", lambda r: r["R1@0.5"])):
+        scores = [metric(real(str(tmp_path / "model"), str(data), tasks=[task], split="val", max_clips=5,
+                              out=str(tmp_path / "runs" / "eval" / "check.json"), **defaults, **{option: v})[task])
+                  for v in grid]
+        assert chosen[option] == grid[scores.index(max(scores))], (option, scores)
+    assert "rerank_fusion on val" in capsys.readouterr().out
+    os.rename(data / "val", data / "elsewhere")
+    assert D.tune_on_val(str(tmp_path / "model"), str(data), str(tmp_path / "runs"), max_clips=5) == {}
