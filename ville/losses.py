@@ -168,6 +168,8 @@ def multitask_loss(model, batches: dict[str, dict], cfg: LossCfg) -> tuple[torch
     """One batch per task -> (weighted total, components). Which losses each task feeds:
     caption / detailed_caption: LM + contrastive (+ halting) against the target caption; qa: LM;
     retrieval: contrastive (+ halting); localisation: window-contrastive; matching: BCE."""
+    if cfg.halting_target not in ("rank", "sentences"):
+        raise ValueError(f"loss.halting_target: expected 'rank' or 'sentences', got {cfg.halting_target!r}")
     e = model.cfg.embed
     kmin, scale = e.min_embed_tokens, model.logit_scale.exp()
     total = model.logit_scale.new_zeros(())
@@ -184,8 +186,6 @@ def multitask_loss(model, batches: dict[str, dict], cfg: LossCfg) -> tuple[torch
         text_emb = model.text_embed_train(text)
         add(f"contrastive_{task}", cfg.contrastive,
             contrastive_loss(cfg, steps.per_step, text_emb, scale, kmin, groups=(groups, groups)))
-        if cfg.halting_target not in ("rank", "sentences"):
-            raise ValueError(f"loss.halting_target: expected 'rank' or 'sentences', got {cfg.halting_target!r}")
         if cfg.halting <= 0 and cfg.token_cost <= 0:
             return
         if cfg.halting_target == "sentences":

@@ -12,7 +12,9 @@ trainable when LoRA freezes the LLM. The stop decision of embedding step t is th
 the embedding-mode EOS `<eoe>` and another `<emb>`: stop_logit = logit[<eoe>] - logit[<emb>], i.e. the EOS
 probability renormalised over the two tokens that are possible in embedding mode, plus a learned bias per step
 (`stop_step_bias`, zero at init): the step states differ little from one another, and the bias lets the stop head
-compare one per-video evidence against a threshold that moves with t. `<eoe>` is its own token, not the
+compare one per-video evidence against a threshold that moves with t. With `embed.stop_motion` that evidence includes
+one learned weight on the log of the clip's motion energy (`encode_video`): probes found the event count in the
+tower's change magnitudes but not in the LLM's step state (README, design choices). `<eoe>` is its own token, not the
 text `<eos>`: with a shared (and, in tied models, input-tied) row, the halting loss raised the text EOS and greedy
 generation ended before its first word. Text generation never emits `<emb>`, `<eoe>` or `<match>`.
 """
@@ -274,7 +276,7 @@ class ViLLE(nn.Module):
 
     # --------------------------------------------------------------------------------------- training passes
     def video_embed_steps(self, frames, k: int | None = None, prompts: list[str] | None = None,
-                          video: torch.Tensor | None = None) -> EmbedSteps:
+                          video: tuple | None = None) -> EmbedSteps:
         """All k embedding steps in one forward (with gradients). prompts=None uses embed.video_prompt; `video`
         passes precomputed `encode_video(frames)` (shared with the LM pass of the same batch)."""
         k = k or self.cfg.embed.max_embed_tokens

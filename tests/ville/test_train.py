@@ -45,7 +45,8 @@ def test_three_stages_train_from_their_recipes(synth, tmp_path):
     prev = None
     for stage in (1, 2, 3):
         out = tmp_path / f"s{stage}"
-        # batch 2 per task: let halting run anyway (the recipes only feed it from global batches >= 16)
+        # batch 2 per task: let stage 1's rank-target halting run anyway (it needs global batches >= 16); stages 2-3
+        # take their halting targets from detailed-caption sentence counts, whatever the batch
         ov = overrides(f"recipes/tiny/stage{stage}.yaml", synth, out, train__max_steps=2, train__save_every=1,
                        loss__halting_min_batch=2)
         ov.append(f"train.init_from={prev}" if prev else "train.init_from=null")
@@ -55,8 +56,11 @@ def test_three_stages_train_from_their_recipes(synth, tmp_path):
         assert os.path.isfile(out / "final" / "model.safetensors") and os.path.isfile(out / "final" / "recipe.yaml")
         prev = out / "final"
     comps = set(rec[0])  # stage 3 logs each loss component separately
-    for c in ("lm_qa", "lm_caption", "contrastive_retrieval", "localisation", "matching", "halting_retrieval"):
+    for c in ("lm_qa", "lm_caption", "contrastive_retrieval", "localisation", "matching", "halting_detailed_caption"):
         assert c in comps, c
+    assert "halting_retrieval" not in comps  # sentence targets: only detailed captions feed halting
+    s1 = [json.loads(x) for x in open(tmp_path / "s1" / "metrics.jsonl")]
+    assert "halting_caption" in s1[0]  # stage 1: rank targets from its caption batch
 
 
 def _run(args, **kw):
