@@ -18,7 +18,6 @@ import argparse
 import os
 import statistics
 import subprocess
-import sys
 import time
 
 import torch
@@ -166,7 +165,7 @@ def main() -> None:
                         f"{attn_s / max(1, nsteps) * 1e3:.3f}", f"{nbytes / max(attn_s, 1e-9) / 1e9:.1f}",
                         f"{100 * nbytes / max(attn_s, 1e-9) / 1e9 / bw:.1f}%", f"{vps / base:.2f}x"]))
     os.environ.pop("VILLE_KERNELS", None)
-    print(f"# target (H100): compact speed-up on 'mixed' >= 0.8 x max/mean steps; attention >= 70% of copy bandwidth")
+    print("# target (H100): compact speed-up on 'mixed' >= 0.8 x max/mean steps; attention >= 70% of copy bandwidth")
     print(f"# peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else
           "# peak memory: not tracked on CPU")
 

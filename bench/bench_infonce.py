@@ -286,8 +286,8 @@ def main():
                 continue
         providers.append(name)
 
-    print(f"\n| N=M | D | provider | fwd ms | fwd TFLOP/s | fwd % peak | fwd MB | fwd+bwd ms | fwd+bwd TFLOP/s "
-          f"| fwd+bwd % peak | fwd+bwd MB |")
+    print("\n| N=M | D | provider | fwd ms | fwd TFLOP/s | fwd % peak | fwd MB | fwd+bwd ms | fwd+bwd TFLOP/s "
+          "| fwd+bwd % peak | fwd+bwd MB |")
     print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in sizes:
         for d in dims:

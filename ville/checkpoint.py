@@ -127,7 +127,6 @@ def rng_state() -> dict:
     import random
 
     import numpy as np
-    import torch
 
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -139,7 +138,6 @@ def set_rng_state(state: dict) -> None:
     import random
 
     import numpy as np
-    import torch
 
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
@@ -151,7 +149,6 @@ def set_rng_state(state: dict) -> None:
 def save_train_state(out_dir: str, step: int, state: dict, keep_last: int) -> str:
     """Atomic: written to `*.tmp`, flushed to disk, then renamed. A kill at any moment leaves either the previous
     complete checkpoints or the new one, never a partial file under a checkpoint's name."""
-    import torch
 
     path = _state_path(out_dir, step)
     os.makedirs(os.path.dirname(path), exist_ok=True)

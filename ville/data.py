@@ -94,6 +94,12 @@ class DataCfg:
     # one sharing a content word with the clip's own caption; about `matching_negative_fraction` are negatives.
     matching_buffer: int = 32
     matching_negative_fraction: float = 0.5
+    # Hard-negative batches (caption, detailed_caption, retrieval; 1 = off): each batch is made of groups of this
+    # many clips, an anchor plus the clips of the next `hard_negative_pool` plans whose texts share the most content
+    # words with its text (never an identical text), so the contrastive loss must tell apart clips a random batch
+    # would rarely pair (README, design choices).
+    hard_negative_group: int = 1
+    hard_negative_pool: int = 128
     max_consecutive_failures: int = 1000
 
 
@@ -104,7 +110,8 @@ def check_cfg(cfg: DataCfg) -> None:
              "window_stride": cfg.window_stride > 0, "num_window_negatives": cfg.num_window_negatives >= 1,
              "matching_buffer": cfg.matching_buffer >= 1,
              "matching_negative_fraction": 0 <= cfg.matching_negative_fraction <= 1,
-             "max_consecutive_failures": cfg.max_consecutive_failures >= 1}
+             "max_consecutive_failures": cfg.max_consecutive_failures >= 1,
+             "hard_negative_group": cfg.hard_negative_group >= 1, "hard_negative_pool": cfg.hard_negative_pool >= 1}
     bad = [f"{name}={getattr(cfg, name)!r}" for name, ok in rules.items() if not ok]
     if bad:
         raise ValueError(f"DataCfg: invalid {', '.join(bad)} (see the comments on DataCfg for valid values)")
@@ -614,6 +621,9 @@ class TrainBatches(IterableDataset):
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, stream, zlib.crc32(self.task.encode())]))
         skips, reader = SkipCounter(keep_events=True), _ShardReader()
         plans, failures = self._plans(rng, skips), [0]
+        if cfg.hard_negative_group > 1 and self.task in _GROUP_TEXT:
+            plans = _hard_negative_order(plans, size, cfg.hard_negative_group, cfg.hard_negative_pool,
+                                         _GROUP_TEXT[self.task])
 
         def realise(plan: Plan) -> dict | None:
             try:
@@ -687,6 +697,38 @@ class TrainBatches(IterableDataset):
             if accepted == 0 and seen >= all_shards:
                 raise RuntimeError(f"a whole pass over {len(all_shards)} shards gave no usable {self.task} "
                                    f"sample; skipped: {skips.summary()}")
+
+
+_GROUP_TEXT = {"caption": "target", "detailed_caption": "target", "retrieval": "text"}  # the text a task contrasts
+
+
+def _hard_negative_order(plans: Iterator[Plan], size: int, group: int, pool: int, field_name: str
+                         ) -> Iterator[Plan]:
+    """Reorder a plan stream so that every `size` consecutive plans (one batch) are groups of `group`: the oldest
+    waiting plan, then the `group - 1` plans among the next `pool` waiting ones whose `field_name` text shares the
+    most content words with it (the earlier plan wins ties; an identical text is never chosen, since it would be a
+    false negative). A pure function of the plan stream, so resuming (which replays plans) stays exact."""
+    waiting: deque = deque()  # (plan, content words, normalised text)
+    try:
+        while True:
+            batch: list[Plan] = []
+            while len(batch) < size:
+                while len(waiting) < pool + 1:
+                    plan = next(plans)
+                    text = str(plan.fields[field_name])
+                    waiting.append((plan, _content_words(text), " ".join(text.lower().split())))
+                anchor, words, norm = waiting.popleft()
+                want = min(group, size - len(batch)) - 1
+                scored = sorted((-len(words & w), i) for i, (_, w, n) in enumerate(waiting)
+                                if i < pool and n != norm)
+                picked = sorted(i for _, i in scored[:want])
+                batch.append(anchor)
+                batch.extend(waiting[i][0] for i in picked)
+                for i in reversed(picked):
+                    del waiting[i]
+            yield from batch
+    finally:
+        getattr(plans, "close", lambda: None)()
 
 
 class EvalClips(IterableDataset):

@@ -21,7 +21,11 @@ import sys
 import time
 
 FUSION_GRID = (None, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # None: the matching probability alone
-MOMENT_SCORES = ("cosine", "zscale")
+MOMENT_LENGTHS = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0)  # ville.eval's default candidate window lengths (x duration)
+# Moment candidates: all lengths together, scored by the raw or the length-standardised cosine, or one length alone
+# (the random-window baseline is always drawn from the same candidates).
+MOMENT_GRID = tuple([{"moment_scales": MOMENT_LENGTHS, "moment_score": score} for score in ("cosine", "zscale")]
+                    + [{"moment_scales": (length,), "moment_score": "cosine"} for length in MOMENT_LENGTHS])
 STAGE_TASKS = {1: ["retrieval", "adaptive"], 2: ["retrieval", "long_text", "adaptive"],
                3: ["retrieval", "rerank", "moment", "qa", "composed", "long_text", "adaptive"]}
 
@@ -32,7 +36,8 @@ def generate(data: str, args) -> None:
         return
     cmd = [sys.executable, "-m", "data_tools.synth", "--out", data, "--seed", "0", "--num-train", str(args.num_train),
            "--num-val", str(args.num_val), "--num-test", str(args.num_test), "--num-compositional",
-           str(args.num_compositional), "--num-composed", str(args.num_composed), "--shard-size", "250"]
+           str(args.num_compositional), "--num-composed", str(args.num_composed), "--shard-size", "250",
+           "--workers", str(min(4, os.cpu_count() or 1))]  # the same bytes for any worker count
     print("[demo] generating:", " ".join(cmd[1:]))
     subprocess.run(cmd, check=True)
 
@@ -59,21 +64,25 @@ def train_stage(stage: int, data: str, runs: str, extra: list[str]) -> str:
 
 def tune_on_val(final: str, data: str, runs: str, max_clips: int) -> dict:
     """Evaluation options chosen on the val split: the re-ranking fusion weight (`rerank_fusion`, best stage-2 R@1)
-    and the moment window scoring (`moment_score`, best R1@0.5); the first choice wins ties. {} without a val split."""
+    and the moment candidates (`moment_scales` + `moment_score`, best R1@0.5); the first choice wins ties. {} without
+    a val split."""
     from .eval import evaluate
 
     if not os.path.isdir(os.path.join(data, "val")):
         return {}
     out = os.path.join(runs, "eval", "stage3-val.json")
     chosen = {}
-    for option, grid, task, metric in (("rerank_fusion", FUSION_GRID, "rerank", lambda r: r["stage2"]["R@1"]),
-                                       ("moment_score", MOMENT_SCORES, "moment", lambda r: r["R1@0.5"])):
-        scores = {}
-        for value in grid:  # embeddings and match scores are cached after the first value
-            res = evaluate(final, data, tasks=[task], split="val", max_clips=max_clips, out=out, **{option: value})
-            scores[value] = metric(res[task])
-        chosen[option] = max(grid, key=lambda v: (scores[v], -grid.index(v)))
-        print(f"[demo] {option} on val ({task}: {scores}) -> {chosen[option]!r}")
+    for what, grid, task, metric in (("rerank_fusion", [{"rerank_fusion": w} for w in FUSION_GRID], "rerank",
+                                      lambda r: r["stage2"]["R@1"]),
+                                     ("moment candidates", MOMENT_GRID, "moment", lambda r: r["R1@0.5"])):
+        scores = []
+        for options in grid:  # embeddings, match scores and windows are cached after the first options
+            res = evaluate(final, data, tasks=[task], split="val", max_clips=max_clips, out=out, **options)
+            scores.append(metric(res[task]))
+        best = max(range(len(grid)), key=lambda i: (scores[i], -i))
+        chosen.update(grid[best])
+        table = ", ".join(f"{' '.join(f'{v}' for v in o.values())}: {sc}" for o, sc in zip(grid, scores))
+        print(f"[demo] {what} on val ({task} {'R@1' if task == 'rerank' else 'R1@0.5'}: {table}) -> {grid[best]}")
     return chosen
 
 
@@ -147,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from .eval import evaluate, format_table
 
+    t_val = time.time()
     tuned = tune_on_val(finals[3], args.data, args.runs, args.eval_clips)
+    print(f"[demo] val choices in {time.time() - t_val:.0f} s")
     columns: dict[str, dict] = {}
     full = {}
     for stage, final in finals.items():
@@ -156,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
             tasks = STAGE_TASKS[stage] if split == "test" else ["retrieval", "qa", "adaptive"]
             out = os.path.join(args.runs, "eval", f"stage{stage}-{split}.json")
             print(f"[demo] evaluating stage {stage} on {split}: {', '.join(tasks)}")
+            t_eval = time.time()
             res = evaluate(final, args.data, tasks=tasks, split=split, max_clips=args.eval_clips, out=out, **tuned)
+            print(f"[demo] stage {stage} on {split} evaluated in {time.time() - t_eval:.0f} s")
             columns[f"stage{stage} {split}"] = _pick(res)
             full[f"stage{stage}-{split}"] = res
     print()
@@ -165,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = table(columns)
     header = (f"ville demo: {args.num_train} synthetic training clips, {args.eval_clips} clips per evaluated split; "
               f"{time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} CPU, "
-              f"{time.time() - t0:.0f} s in total")
+              f"{time.time() - t0:.0f} s in total; chosen on val: {tuned or 'nothing (no val split)'}")
     print(header)
     print(summary)
     with open(os.path.join(args.runs, "demo_results.json"), "w") as f:

@@ -198,13 +198,18 @@ class ViLLE(nn.Module):
         """(B, T, ...) frames -> (B, T*N, H) LLM-width video tokens."""
         return self.encode_video(frames)[0]
 
-    def encode_video(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode_video(self, frames: torch.Tensor, features: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, T, ...) frames -> (video tokens (B, T*N, H), motion energy (B,) or None without `embed.stop_motion`).
         The energy is the mean over a clip's tokens of the RMS over channels of each token's change since the previous
         frame (the tower's motion channels), without gradient: the stop head reads it, halting does not train the
-        tower through it."""
-        self.vision.validate(frames)
-        x = self.vision(frames.to(self.device))
+        tower through it. `features`: the frames' `vision.frame_features`, computed once for clips sharing frames
+        (then `frames` may be None)."""
+        if features is None:
+            self.vision.validate(frames)
+            x = self.vision(frames.to(self.device))
+        else:
+            x = self.vision.assemble(features.to(self.device))
         energy = None
         if self.stop_motion is not None:
             C = self.vision.width
@@ -375,12 +380,15 @@ class ViLLE(nn.Module):
         return EmbedOutput(self.head(states, num), num, stop_probs)
 
     def embed_video(self, frames, stop_threshold=None, max_embed_tokens=None, min_embed_tokens=None,
-                    num_tokens: int | None = None, _stop_schedule: torch.Tensor | None = None) -> EmbedOutput:
-        """Adaptive-length video embedding. `num_tokens=k` is the fixed-length mode (exactly k tokens)."""
+                    num_tokens: int | None = None, _stop_schedule: torch.Tensor | None = None,
+                    features: torch.Tensor | None = None) -> EmbedOutput:
+        """Adaptive-length video embedding. `num_tokens=k` is the fixed-length mode (exactly k tokens). `features`
+        (B, T, N, C): precomputed `vision.frame_features` in place of `frames` (pass frames=None)."""
         if num_tokens is not None:
             stop_threshold, max_embed_tokens, min_embed_tokens = 2.0, num_tokens, num_tokens
-        prompt_ids = self._video_prompt_ids(self.vision.validate(frames))
-        tokens, energy = self.encode_video(frames)
+        B = self.vision.validate(frames) if features is None else features.shape[0]
+        prompt_ids = self._video_prompt_ids(B)
+        tokens, energy = self.encode_video(frames, features)
         return self._adaptive_embed(self._video_prefixes(frames, prompt_ids, tokens), stop_threshold, max_embed_tokens,
                                     min_embed_tokens, _stop_schedule, energy)
 

@@ -126,12 +126,24 @@ class VisionTower(nn.Module):
         return B
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.assemble(self.frame_features(frames))
+
+    def frame_features(self, frames: torch.Tensor) -> torch.Tensor:
+        """The per-frame part: (B, T, ...) frames -> (B, T, N, C) pooled trunk tokens. Each frame is processed on its
+        own, so clips that share frames (overlapping windows of one video) can share these (`assemble`)."""
         B, T = frames.shape[:2]
         images = self.preprocess(frames).to(self.temporal_pos.dtype)
         grid = self._trunk_tokens(images)  # (B*T, gh, gw, C)
         if self.cfg.pool > 1:
             grid = F.avg_pool2d(grid.permute(0, 3, 1, 2), self.cfg.pool, ceil_mode=True).permute(0, 2, 3, 1)
-        feats = grid.reshape(B, T, -1, self.width)
+        return grid.reshape(B, T, -1, self.width)
+
+    def assemble(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, T, N, C) `frame_features` -> (B, T * N, out_width) tokens: temporal position (+ change channels)."""
+        B, T = feats.shape[:2]
+        if not 1 <= T <= self.cfg.max_frames:
+            raise ValueError(f"frame features: T={T} frames given, expected 1..{self.cfg.max_frames} "
+                             f"(model.vision.max_frames)")
         tokens = feats + self.temporal_pos[:T, None, :]
         if self.cfg.motion:  # change since the previous frame, zero for the first: (0, 0) pads on C and N, (1, 0) on T
             tokens = torch.cat([tokens, F.pad(feats.diff(dim=1), (0, 0, 0, 0, 1, 0))], -1)

@@ -295,6 +295,30 @@ def test_resume_equals_uninterrupted(dataset, num_workers, task):
         same_batches(full[start:], resumed)
 
 
+def test_hard_negative_order_groups_by_shared_words():
+    texts = ["red circle on blue", "green square on gray", "red circle on blue", "red square on blue",
+             "green square on black", "yellow star", "red circle on gray", "green star on gray"]
+    stream = iter([D.Plan(f"k{i}", "s", (0, 0), {"text": t}, i) for i, t in enumerate(texts)] * 3)
+    order = D._hard_negative_order(stream, 4, 2, 3, "text")
+    got = [next(order).key for _ in range(8)]
+    # k0 ("red circle on blue"): among k1..k3, k2 is the identical text (never chosen) and k3 shares {red, blue}.
+    # k1 ("green square on gray"): among k2, k4, k5, k4 shares {green, square}.
+    # batch 2: k2 with k6 (shares {red, circle}; k5 and k7 share none), then k5 with k7 ({star}).
+    assert got == ["k0", "k3", "k1", "k4", "k2", "k6", "k5", "k7"]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_hard_negative_batches_resume_exactly(dataset, num_workers):
+    pattern, _ = dataset
+    cfg = cfg_for(pattern, num_workers=num_workers, hard_negative_group=2, hard_negative_pool=5)
+    full = take(D.make_train_loader(cfg, "caption", 4), 6)
+    assert [k for b in full for k in b["keys"]] != [k for b in take(D.make_train_loader(cfg_for(
+        pattern, num_workers=num_workers), "caption", 4), 6) for k in b["keys"]]  # the option changes the batches
+    same_batches(full[3:], take(D.make_train_loader(cfg, "caption", 4, start_step=3), 3))
+    with pytest.raises(ValueError, match="hard_negative_group=0"):
+        D.make_train_loader(cfg_for(pattern, hard_negative_group=0), "caption", 4)
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_ranks_get_slices_of_the_same_global_batches(dataset, num_workers):
     pattern, _ = dataset

@@ -197,8 +197,22 @@ def test_rerank_fusion_and_moment_scoring(env, first_run):
                    out=str(out.parent / "zscale.json"), moment_score="zscale", **OPTS)["moment"]
     assert calls == {n: 0 for n in calls}  # window embeddings cached too
     assert "same length" in z["protocol"] and z["random_window"] == res["moment"]["random_window"]
+    # Windows are cached one by one: a subset of the scales needs no model call, a new scale embeds only its windows.
+    sub = E.evaluate(model, str(env / "data"), identity=model_identity(str(env / "model")), tasks=["moment"],
+                     out=str(out.parent / "sub.json"), **{**OPTS, "moment_scales": (0.5,)})["moment"]
+    assert calls == {n: 0 for n in calls} and sub["windows_per_clip"] < res["moment"]["windows_per_clip"]
+    assert "[0.5]" in sub["protocol"] and sub["random_window"] != res["moment"]["random_window"]
+    rows = []
+    real = model.embed_video
+    model.embed_video = lambda frames, **k: rows.append(k["features"].shape[0]) or real(frames, **k)
+    more = E.evaluate(model, str(env / "data"), identity=model_identity(str(env / "model")), tasks=["moment"],
+                      out=str(out.parent / "more.json"), **{**OPTS, "moment_scales": (0.25, 0.5, 1.0)})["moment"]
+    clips = more["num_clips"]
+    assert sum(rows) == round((more["windows_per_clip"] - res["moment"]["windows_per_clip"]) * clips)
     with pytest.raises(ValueError, match="moment_score.*'zscale'"):
         E.evaluate(model, str(env / "data"), tasks=["moment"], moment_score="z", **OPTS)
+    with pytest.raises(ValueError, match="window_batch_size: expected >= 1, got 0"):
+        E.evaluate(model, str(env / "data"), tasks=["moment"], window_batch_size=0, **OPTS)
 
 
 def test_cli_compositional_split_with_dual_softmax(env, capsys):
@@ -300,3 +314,25 @@ def test_all_captions_protocol(env, tmp_path):
     # V2T chance at k=1 with m correct captions among n texts: 1 - C(n-m, 1) / C(n, 1) = m / n, averaged.
     m = np.bincount(owner)
     assert r["all_captions"]["chance"]["v2t"]["R@1"] == pytest.approx(100 * np.mean(m / len(pairs)), abs=0.01)
+
+
+def test_window_features_share_frames(env):
+    """The moment eval runs the tower once per distinct frame of a video's windows (E._window_features): the same
+    features, and so the same window embeddings, as running it on every window's frames."""
+    from ville.data import ClipStore
+    from ville.video import decode_windows, sliding_windows
+
+    model = tiny_model(0)
+    key, meta = _clips(env)[0]
+    windows = sliding_windows(float(meta["duration"]), (0.1, 0.2, 0.5), 0.5)
+    frames = decode_windows(ClipStore(str(env / "data" / "test" / "shard-000000.tar")).read(key), windows, FRAMES)[0]
+    W = len(windows)
+    assert len(np.unique(frames.reshape(W * FRAMES, -1), axis=0)) < W * FRAMES  # windows overlap
+    with torch.no_grad():
+        feats = E._window_features(model, frames, chunk=5)
+        direct = model.vision.frame_features(torch.from_numpy(frames))
+        torch.testing.assert_close(feats, direct, rtol=1e-5, atol=1e-5)
+        a = model.embed_video(None, features=feats)
+        b = model.embed_video(torch.from_numpy(frames))
+    assert a.num_tokens.tolist() == b.num_tokens.tolist()
+    torch.testing.assert_close(a.embeddings, b.embeddings, rtol=1e-5, atol=1e-5)
