@@ -75,29 +75,6 @@ def clips_per_second(mp4: bytes, num_frames: int, seek: bool, min_seconds: float
     return best
 
 
-def conversion_ms(mp4: bytes, size: int | None, rounds: int = 3) -> dict[str, float]:
-    """CPU ms per decoded frame to turn it into an RGB array: PyAV's to_ndarray(format="rgb24") against reformat()
-    then to_ndarray() (what ville.video does; the same pixels), best of `rounds`."""
-    with av.open(io.BytesIO(mp4)) as container:
-        frames = [f for _, f in zip(range(100), container.decode(video=0))]
-    kw = {} if size is None else {"width": size, "height": size}
-    ways = {"to_ndarray(format=rgb24)": lambda f: f.to_ndarray(format="rgb24", **kw),
-            "reformat(rgb24).to_ndarray()": lambda f: f.reformat(format="rgb24", **kw).to_ndarray()}
-    for a, b in zip(map(ways["to_ndarray(format=rgb24)"], frames[:5]), map(ways["reformat(rgb24).to_ndarray()"],
-                                                                            frames[:5])):
-        assert np.array_equal(a, b), "the two conversions disagree"
-    out = {}
-    for name, way in ways.items():
-        best = float("inf")
-        for _ in range(rounds):
-            start = time.process_time()
-            for f in frames:
-                way(f)
-            best = min(best, (time.process_time() - start) / len(frames) * 1e3)
-        out[name] = best
-    return out
-
-
 def loader_clips_per_second(mp4s: list[bytes], num_frames: int, min_seconds: float) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "shard-000000.tar")
@@ -159,14 +136,6 @@ def main() -> None:
         if name == "5 min":
             print(f"  keyframe every {gop_seconds} s, {frames} frames: "
                   f"{seek_rates[gop_seconds, '10 s', frames] / rate:.2f}x")
-    print("\nframe -> RGB array, CPU ms per frame (identical pixels; ville.video uses the second):\n")
-    print("| frame | to_ndarray(format=rgb24) | reformat(rgb24).to_ndarray() | speed-up |")
-    print("|---|---|---|---|")
-    mp4 = encode(4, args.size, 2 * FPS)
-    for size, name in ((None, f"{args.size} px"), (args.size // 2, f"{args.size} px resized to {args.size // 2}")):
-        ms = conversion_ms(mp4, size)
-        slow, fast = ms["to_ndarray(format=rgb24)"], ms["reformat(rgb24).to_ndarray()"]
-        print(f"| {name} | {slow:.3f} | {fast:.3f} | {slow / fast:.1f}x |", flush=True)
     mp4s = [encode(10, args.size, 2 * FPS, seed=i) for i in range(16)]
     rate = loader_clips_per_second(mp4s, 8, args.seconds * 2)
     print(f"\nwhole loader (tar -> batch of 8, retrieval, 10-s clips, keyframe every 2 s, 8 frames, num_workers 0): "

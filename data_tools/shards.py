@@ -226,7 +226,7 @@ def decode_mp4(data: bytes) -> np.ndarray:
     import av
 
     with av.open(io.BytesIO(data)) as container:
-        frames = [f.reformat(format="rgb24").to_ndarray() for f in container.decode(video=0)]
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     if not frames:
         raise ValueError("no video frames decoded")
     return np.stack(frames)
