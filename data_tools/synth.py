@@ -13,7 +13,6 @@ depend on the shard size, the worker count or the order the shards finish in: sa
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import shutil
@@ -227,15 +226,24 @@ def clip_json(spec: dict, key: str, split: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------- composed retrieval
 def _with(spec: dict, part: str, index: int | None, **changes) -> dict:
-    """A copy of spec with `spec[part][index]` (or `spec[part]`) updated."""
-    new = copy.deepcopy(spec)
-    (new[part] if index is None else new[part][index]).update(changes)
+    """spec with `spec[part][index]` (or `spec[part]`) updated; shares the unchanged parts (specs are never mutated
+    after sampling, and a deep copy per candidate edit was most of the generation time)."""
+    new = dict(spec)
+    if index is None:
+        new[part] = {**spec[part], **changes}
+    else:
+        new[part] = [{**x, **changes} if j == index else x for j, x in enumerate(spec[part])]
     return new
 
 
 def _edit_candidates(spec: dict) -> list[tuple[str, str, dict]]:
     """Every valid single-attribute edit of a spec: (edit_type, edit text, edited spec). Edits keep the scene
     within the train distribution (no held-out pair, colours and shapes still distinct) and inside the frame."""
+    return [c for c in _edit_options(spec) if spec_valid(c[2])]
+
+
+def _edit_options(spec: dict) -> list[tuple[str, str, dict]]:
+    """`_edit_candidates` before the (costly) in-frame check."""
     objects, events = spec["objects"], spec["events"]
     used_colours = {o["colour"] for o in objects} | {ev["value"] for ev in events if ev["type"] == "change"}
     used_shapes = {o["shape"] for o in objects}
@@ -273,7 +281,7 @@ def _edit_candidates(spec: dict) -> list[tuple[str, str, dict]]:
         if style != spec["background"]["style"]:
             out.append(("background_style", f"make the background {style}",
                         _with(spec, "background", None, style=style)))
-    return [c for c in out if spec_valid(c[2])]
+    return out
 
 
 def composed_sample(rng: np.random.Generator, spec: dict, num_distractors: int) -> list[tuple[str, str, dict]]:
@@ -288,6 +296,27 @@ def composed_sample(rng: np.random.Generator, spec: dict, num_distractors: int) 
     rest = [j for j in range(len(cands)) if j != target]
     picks = rng.choice(len(rest), size=min(num_distractors, len(rest)), replace=False)
     return [cands[target]] + [cands[rest[int(j)]] for j in picks]
+
+
+TRAIN_EDITS = 3  # text-only edits stored per train clip (the tiny stage 3 draws ~0.5 composed examples per clip)
+
+
+def text_edits(spec: dict, seed: int, index: int) -> list[dict]:
+    """Edits of a train clip with the caption the edited clip would have, and no rendered target: what stage 3's
+    `composed` task trains on (video + edit text -> the edited caption's text embedding), so the composed-video
+    benchmark, whose targets are videos, stays zero-shot. Drawn like a triplet's target and distractors, from a
+    generator of their own (the clip's own stream, and so every other byte of the split, is unchanged). Each edit's
+    type is drawn uniformly, like a triplet target's, and only drawn edits pay for the in-frame check."""
+    rng = np.random.default_rng([seed, SPLIT_IDS["train"], index, 1])
+    options, out = _edit_options(spec), []
+    while options and len(out) < TRAIN_EDITS:
+        types = sorted({o[0] for o in options})
+        kind = types[int(rng.integers(len(types)))]
+        of_kind = [j for j, o in enumerate(options) if o[0] == kind]
+        kind, text, new = options.pop(of_kind[int(rng.integers(len(of_kind)))])
+        if spec_valid(new):
+            out.append({"type": kind, "edit": text, "caption": describe(new)["caption"]})
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------- workers
@@ -310,6 +339,8 @@ def _write_clip_shard(job: dict) -> dict:
         spec, _ = _clip_spec(split, index, cfg)
         key = f"{split}-{index:07d}"
         meta = clip_json(spec, key, split)
+        if split == "train":
+            meta["edits"] = text_edits(spec, cfg["seed"], index)
         samples.append({"__key__": key, "mp4": encode_mp4(render(spec), spec["fps"]), "json": meta})
         captions.append(meta["caption"])
         detailed.append(meta["detailed_caption"])

@@ -55,14 +55,14 @@ from .video import VideoDecodeError, decode_clip, decode_windows, sliding_window
 
 log = logging.getLogger(__name__)
 
-TASKS = ("caption", "detailed_caption", "qa", "retrieval", "localisation", "matching")
+TASKS = ("caption", "detailed_caption", "qa", "retrieval", "localisation", "matching", "composed")
 # Prompt templates of the generative tasks (the model appends the target after the prompt).
 CAPTION_PROMPT = "Describe the video briefly."
 DETAILED_CAPTION_PROMPT = "Describe the video in detail."
 QA_PROMPT = "Question: {question} Answer:"
 # The text fields of each task's batch (each also gets `{field}_ids` when collate is given a tokenizer).
 TEXT_FIELDS = {"caption": ("prompt", "target"), "detailed_caption": ("prompt", "target"), "qa": ("prompt", "target"),
-               "retrieval": ("text",), "localisation": ("text",), "matching": ("text",)}
+               "retrieval": ("text",), "localisation": ("text",), "matching": ("text",), "composed": ("edit", "text")}
 _STOPWORDS = frozenset("the and with from into onto near are was were its this that then than over under on in of "
                        "at to by for".split())
 
@@ -227,6 +227,18 @@ class _Planner:
         self.recent.append((key, caps, normalised, frozenset().union(*map(_content_words, caps))))
         return {"text": text, "label": label}
 
+    def _composed(self, meta, rng, key):
+        """A text-only edit of the clip ("make the red circle blue") and the caption of the edited clip."""
+        edits = meta.get("edits")
+        if not isinstance(edits, list) or not edits:
+            raise _Unusable("missing key", "no 'edits'")
+        edits = [e for e in edits if isinstance(e, dict) and all(isinstance(e.get(f), str) and e[f].strip()
+                                                                 for f in ("edit", "caption"))]
+        if not edits:
+            raise _Unusable("bad annotation", "'edits' has no {edit, caption} pair")
+        e = edits[rng.integers(len(edits))]
+        return {"edit": e["edit"], "text": e["caption"]}
+
     def _localisation(self, meta, rng, key):
         cfg = self.cfg
         duration, events = meta.get("duration"), meta.get("events")
@@ -282,7 +294,8 @@ def collate(examples: Sequence[dict], task: str, tokenizer=None) -> dict:
 
     task str; keys list[str]; frames uint8 (B, T, H, W, 3) (localisation (B, W, T, H, W, 3)); times float32 (B, T)
     (localisation (B, W, T)) seconds of the frames shown; texts as list[str]: prompt + target (caption,
-    detailed_caption, qa) or text (retrieval, localisation, matching); group int64 (B,) (retrieval: equal for
+    detailed_caption, qa), text (retrieval, localisation, matching) or edit + text (composed: an edit of the clip and
+    the caption of the edited clip); group int64 (B,) (retrieval: equal for
     texts of the same clip); label float32 (B,) (matching: 1 = the clip's own caption); windows float32 (B, W, 2)
     seconds, ious float32 (B, W), window_mask bool (B, W) (localisation: index 0 is the ground truth, False marks
     repeated negatives); complexity int64 (B,) when any example has it (-1 where missing). With a tokenizer, also
@@ -434,7 +447,7 @@ class TrainBatches(IterableDataset):
                                    f"sample; skipped: {skips.summary()}")
 
 
-_GROUP_TEXT = {"caption": "target", "detailed_caption": "target", "retrieval": "text"}  # the text a task contrasts
+_GROUP_TEXT = {"caption": "target", "detailed_caption": "target", "retrieval": "text", "composed": "text"}  # the text a task contrasts
 
 
 def _hard_negative_order(plans: Iterator[Plan], size: int, group: int, pool: int, field_name: str

@@ -38,6 +38,7 @@ class LossCfg:
     contrastive: float = 1.0  # video-text InfoNCE (symmetric)
     localisation: float = 1.0  # text vs the ground-truth window and its IoU < 0.2 hard negatives
     matching: float = 1.0  # video-text matching BCE
+    composed: float = 1.0  # composed query (video + edit text) vs the edited caption: InfoNCE
     halting: float = 0.5  # BCE on the stop logits
     token_cost: float = 0.02  # per expected embedding token
     halting_margin: float = 0.05  # cosine margin of the "already ranks first" test
@@ -167,7 +168,9 @@ def _key_groups(keys: list[str], device) -> torch.Tensor:
 def multitask_loss(model, batches: dict[str, dict], cfg: LossCfg) -> tuple[torch.Tensor, dict[str, float]]:
     """One batch per task -> (weighted total, components). Which losses each task feeds:
     caption / detailed_caption: LM + contrastive (+ halting) against the target caption; qa: LM;
-    retrieval: contrastive (+ halting); localisation: window-contrastive; matching: BCE."""
+    retrieval: contrastive (+ halting); localisation: window-contrastive; matching: BCE; composed: contrastive
+    between the composed query (video + edit text) and the edited caption (no halting: its targets describe the
+    source video, not the query)."""
     if cfg.halting_target not in ("rank", "sentences"):
         raise ValueError(f"loss.halting_target: expected 'rank' or 'sentences', got {cfg.halting_target!r}")
     e = model.cfg.embed
@@ -220,6 +223,11 @@ def multitask_loss(model, batches: dict[str, dict], cfg: LossCfg) -> tuple[torch
                 localisation_loss(cfg, per_step, text_emb, scale, kmin, b.get("window_mask")))
         elif task == "matching":
             add("matching", cfg.matching, matching_loss(model.match_logits(frames, b["text"]), b["label"]))
+        elif task == "composed":
+            steps = model.composed_embed_steps(frames, b["edit"])
+            groups = _key_groups(b["text"], frames.device)  # two edits of one clip are negatives of each other
+            add("contrastive_composed", cfg.composed, contrastive_loss(
+                cfg, steps.per_step, model.text_embed_train(b["text"]), scale, kmin, groups=(groups, groups)))
         else:
             raise ValueError(f"train.tasks: unknown task {task!r}")
     comps["logit_scale"] = float(scale.detach())

@@ -204,6 +204,31 @@ def test_composed_triplets(dataset):
             assert _attributes(d_meta) != _attributes(tgt)
 
 
+def test_train_clips_carry_text_edits_with_the_edited_caption(dataset):
+    types = Counter()
+    for split in synth.CLIP_SPLITS:
+        for c in _clips(dataset, split):
+            if split != "train":
+                assert "edits" not in c
+                continue
+            edits = c["edits"]
+            assert 1 <= len(edits) <= synth.TRAIN_EDITS
+            assert len({e["edit"] for e in edits}) == len(edits)
+            for e in edits:
+                types[e["type"]] += 1
+                assert e["edit"].startswith("make ") and e["caption"] != c["caption"]
+                # The edited caption is the clip's caption with the named attribute changed, nothing else.
+                if e["type"] == "colour":
+                    old, shape, new = re.fullmatch(r"make the (\w+) (\w+) (\w+)", e["edit"]).groups()
+                    assert f"{old} {shape}" in c["caption"] and f"{new} {shape}" in e["caption"]
+                    assert e["caption"].replace(f"{new} {shape}", f"{old} {shape}") == c["caption"]
+                elif e["type"] == "background_colour":
+                    new = e["edit"].split()[-1]
+                    old = c["background"]["colour"]
+                    assert e["caption"].replace(f"{new} background", f"{old} background") == c["caption"]
+    assert {"colour", "shape", "size", "background_colour", "background_style"} <= set(types)
+
+
 def test_captions_rarely_collide_among_1k():
     rng_cfg = dict(seed=7, size=64, fps=8, max_events=4, min_seconds=3.0, max_seconds=8.0)
     caps = [synth.describe(synth._clip_spec("test", i, rng_cfg)[0])["caption"] for i in range(1000)]

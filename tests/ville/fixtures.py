@@ -63,6 +63,12 @@ def clip_meta(key: str, seconds: float, seed: int, multi_caption: bool = False) 
             "events": events,
             "qa": [{"question": f"what colour is the {shape}?", "answer": colour},
                    {"question": "how many events happen in the video?", "answer": str(n_events)}]}
+    # Text-only edits (stage 3's composed task): the edited caption names the new colour / grows -> shrinks.
+    other = COLOURS[(COLOURS.index(colour) + 1) % len(COLOURS)]
+    meta["edits"] = [{"type": "colour", "edit": f"make the {colour} {shape} {other}",
+                      "caption": caption.replace(f"A {colour} ", f"A {other} ")},
+                     {"type": "size", "edit": f"make the {colour} {shape} large",
+                      "caption": caption.replace(f"A {colour} ", f"A large {colour} ")}]
     if multi_caption:
         meta["captions"] = [caption, f"a {shape} that is {colour} ({key})"]
     return meta

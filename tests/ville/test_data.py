@@ -407,6 +407,20 @@ def test_localisation_builder(dataset):
     assert inside.all()  # each window's frames come from that window (up to one frame period)
 
 
+def test_composed_builder_and_batches(dataset):
+    """An edit of the clip's `edits` and its edited caption; hard-negative groups work on the edited captions."""
+    pattern, _ = dataset
+    seen = set()
+    for p in plans(pattern, "composed", 40):
+        assert p.fields["edit"].startswith("make the ") and f"({p.key})" in p.fields["text"]
+        seen.add(p.fields["edit"].split()[-1] == "large")
+    assert seen == {True, False}  # both edits of a clip get drawn
+    for batch in take(D.make_train_loader(cfg_for(pattern, hard_negative_group=2), "composed", 4), 2):
+        assert batch["frames"].shape[:2] == (4, 4) and len(batch["edit"]) == len(batch["text"]) == 4
+        for e, t, k in zip(batch["edit"], batch["text"], batch["keys"]):
+            assert f"({k})" in t and (("large" in t) == (e.split()[-1] == "large"))
+
+
 def test_sliding_windows():
     w = V.sliding_windows(10.0, [0.2, 0.5], 0.5)
     assert {tuple(r) for r in w} >= {(0.0, 2.0), (1.0, 3.0), (8.0, 10.0), (0.0, 5.0), (5.0, 10.0)}
@@ -418,7 +432,7 @@ def test_tasks_skip_clips_missing_keys(tmp_path):
     bare = {"key": "bare", "caption": "just a caption"}
     shard = F.write_shard(str(tmp_path / "s.tar"), [("full", {"mp4": mp4, "json": meta}),
                                                     ("bare", {"mp4": mp4, "json": bare})])
-    for task in ("detailed_caption", "qa", "localisation"):
+    for task in ("detailed_caption", "qa", "localisation", "composed"):
         loader = D.make_train_loader(cfg_for(shard, shuffle_buffer=0), task, 2)
         assert all(b["keys"] == ["full", "full"] for b in take(loader, 2))
         assert loader.skips.counts["missing key"] >= 1

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from conftest import build, frames
 
-from ville.losses import LossCfg, count_sentences, expected_tokens, halting_targets, length_targets, multitask_loss
+from ville.losses import (LossCfg, contrastive_loss, count_sentences, expected_tokens, halting_targets, length_targets,
+                          multitask_loss)
 
 
 def test_halting_targets_by_hand():
@@ -76,3 +77,22 @@ def test_sentence_targets_feed_halting_from_detailed_captions_only():
     assert abs(comps["stop_target_rate_detailed_caption"] - expect) < 1e-6
     with pytest.raises(ValueError, match="loss.halting_target.*'length'"):
         multitask_loss(model, {"retrieval": ret}, LossCfg(halting_target="length"))
+
+
+def test_composed_task_contrasts_the_composed_query_with_the_edited_caption():
+    """composed: InfoNCE between embed(video + edit) and the edited caption, equal edited captions are not
+    negatives of each other, no halting term; the gradient reaches the LLM through the edit tokens."""
+    model = build("llama").train()
+    b = {"frames": frames(3), "edit": ["make the red circle blue", "make the red circle large", "make it green"],
+         "text": ["a blue circle", "a large red circle", "a blue circle"], "keys": ["a", "a", "b"]}
+    total, comps = multitask_loss(model, {"composed": b}, LossCfg(composed=0.5, halting_min_batch=1))
+    assert set(comps) == {"contrastive_composed", "logit_scale", "samples", "video_tokens"}
+    steps = model.composed_embed_steps(b["frames"], b["edit"])
+    groups = torch.tensor([0, 1, 0])
+    ref = contrastive_loss(LossCfg(), steps.per_step, model.text_embed_train(b["text"]), model.logit_scale.exp(),
+                           model.cfg.embed.min_embed_tokens, groups=(groups, groups))
+    assert torch.allclose(total, 0.5 * ref, rtol=1e-5) and abs(comps["contrastive_composed"] - ref.item()) < 1e-5
+    total.backward()
+    emb = model.base_llm().get_input_embeddings().weight.grad
+    edit_only = model._token_ids(["make"], "t")[0]  # a word only the edits contain
+    assert emb is not None and emb[edit_only].abs().sum() > 0

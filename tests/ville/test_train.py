@@ -56,7 +56,8 @@ def test_three_stages_train_from_their_recipes(synth, tmp_path):
         assert os.path.isfile(out / "final" / "model.safetensors") and os.path.isfile(out / "final" / "recipe.yaml")
         prev = out / "final"
     comps = set(rec[0])  # stage 3 logs each loss component separately
-    for c in ("lm_qa", "lm_caption", "contrastive_retrieval", "localisation", "matching", "halting_detailed_caption"):
+    for c in ("lm_qa", "lm_caption", "contrastive_retrieval", "localisation", "matching", "contrastive_composed",
+              "halting_detailed_caption"):
         assert c in comps, c
     assert "halting_retrieval" not in comps  # sentence targets: only detailed captions feed halting
     s1 = [json.loads(x) for x in open(tmp_path / "s1" / "metrics.jsonl")]
