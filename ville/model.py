@@ -323,10 +323,13 @@ class ViLLE(nn.Module):
         states = self._suffix_states(prefixes, self.emb_query, 1)
         return self.head(states, torch.ones(len(ids), dtype=torch.long, device=self.device))
 
-    def match_logits(self, frames, texts) -> torch.Tensor:
+    def match_logits(self, frames, texts, video: torch.Tensor | None = None) -> torch.Tensor:
+        """`video`: precomputed `video_tokens(frames)` (B, T*N, H) (one tower pass for a clip scored against many
+        texts); then `frames` is not read and may be None."""
         ids = self._token_ids(texts, "texts")
         prompt = self._token_ids([self.cfg.embed.match_prompt], "match_prompt")[0]
-        states = self._suffix_states(self._video_prefixes(frames, [t + prompt for t in ids]), self.match_query, 1)
+        states = self._suffix_states(self._video_prefixes(frames, [t + prompt for t in ids], video), self.match_query,
+                                     1)
         return self.match_head(states[:, 0])
 
     def forward(self, batches: dict, loss_cfg) -> tuple[torch.Tensor, dict]:
@@ -409,22 +412,23 @@ class ViLLE(nn.Module):
         return self.text_embed_train(texts)
 
     @torch.no_grad()
-    def match(self, frames, texts) -> torch.Tensor:
-        """(B,) probability that video i matches text i."""
-        return torch.sigmoid(self.match_logits(frames, texts).float())
+    def match(self, frames, texts, video: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) probability that video i matches text i (`video`: as in `match_logits`)."""
+        return torch.sigmoid(self.match_logits(frames, texts, video).float())
 
     @torch.no_grad()
     def generate(self, frames, prompts, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
-                 min_new_tokens: int = 0) -> list[str]:
+                 min_new_tokens: int = 0, video: torch.Tensor | None = None) -> list[str]:
         """KV-cached decoding, greedy by default; each sample stops at its own <eos> and then does no work.
-        `min_new_tokens`: <eos> cannot be chosen before that many tokens (as in transformers' generate)."""
+        `min_new_tokens`: <eos> cannot be chosen before that many tokens (as in transformers' generate). `video`:
+        precomputed `video_tokens(frames)` (one tower pass for a clip asked many questions); `frames` is then unread."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not 0 <= min_new_tokens <= max_new_tokens:
             raise ValueError(f"need 0 <= min_new_tokens <= max_new_tokens, got {min_new_tokens} and {max_new_tokens}")
         prompt_ids = self._token_ids(prompts, "prompts")
-        embeds, plens, lens = self._pack(self._video_prefixes(frames, prompt_ids))
+        embeds, plens, lens = self._pack(self._video_prefixes(frames, prompt_ids, video))
         B = embeds.shape[0]
         sess = _DecodeSession(self, embeds, plens, lens, max_new_tokens)
         h = sess.prefix_hidden.gather(1, (lens - 1)[:, None, None].expand(-1, 1, self.hidden))[:, 0]

@@ -336,3 +336,25 @@ def test_window_features_share_frames(env):
         b = model.embed_video(torch.from_numpy(frames))
     assert a.num_tokens.tolist() == b.num_tokens.tolist()
     torch.testing.assert_close(a.embeddings, b.embeddings, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_and_match_take_precomputed_video_tokens(env):
+    """QA and re-ranking run the tower once per clip and pass its tokens (`video=`) to generate / match: the same
+    answers and probabilities as the plain calls on repeated frames, and no tower pass."""
+    from ville.data import QA_PROMPT, ClipStore
+
+    model = tiny_model(0)
+    store = ClipStore(str(env / "data" / "test" / "shard-000000.tar"))
+    frames = torch.from_numpy(np.stack([decode_clip(store.read(k), FRAMES, size=32)[0] for k, _ in _clips(env)[:2]]))
+    sel = torch.tensor([0, 0, 1])
+    prompts = [QA_PROMPT.format(question=q) for q in ("what moves?", "what color?", "how many?")]
+    texts = ["a red ball", "two squares moving left", "a blue circle"]
+    with torch.no_grad():
+        plain = (model.generate(frames[sel], prompts, max_new_tokens=3), model.match(frames[sel], texts))
+        tokens = model.video_tokens(frames)
+        model.vision.forward = None  # a tower pass would fail
+        given = (model.generate(None, prompts, max_new_tokens=3, video=tokens[sel]),
+                 model.match(None, texts, video=tokens[sel]))
+        del model.vision.forward
+    assert given[0] == plain[0]
+    torch.testing.assert_close(given[1], plain[1], rtol=1e-5, atol=1e-6)
