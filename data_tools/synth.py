@@ -284,15 +284,20 @@ def _edit_options(spec: dict) -> list[tuple[str, str, dict]]:
     return out
 
 
+def _draw_by_type(rng: np.random.Generator, edits: list[tuple[str, str, dict]]) -> int:
+    """Index of an edit drawn with its type uniform over the types present, then uniform within the type."""
+    types = sorted({e[0] for e in edits})
+    kind = types[int(rng.integers(len(types)))]
+    of_kind = [j for j, e in enumerate(edits) if e[0] == kind]
+    return of_kind[int(rng.integers(len(of_kind)))]
+
+
 def composed_sample(rng: np.random.Generator, spec: dict, num_distractors: int) -> list[tuple[str, str, dict]]:
     """Target edit first, then distractor edits of the same source. The target's edit type is drawn uniformly over
     the types available (so background edits are not swamped by the many object edits); distractors are drawn
     from all the other edits, which keeps them one attribute away from the source, like the target."""
     cands = _edit_candidates(spec)
-    types = sorted({c[0] for c in cands})
-    kind = types[int(rng.integers(len(types)))]
-    of_kind = [j for j, c in enumerate(cands) if c[0] == kind]
-    target = of_kind[int(rng.integers(len(of_kind)))]
+    target = _draw_by_type(rng, cands)
     rest = [j for j in range(len(cands)) if j != target]
     picks = rng.choice(len(rest), size=min(num_distractors, len(rest)), replace=False)
     return [cands[target]] + [cands[rest[int(j)]] for j in picks]
@@ -310,10 +315,7 @@ def text_edits(spec: dict, seed: int, index: int) -> list[dict]:
     rng = np.random.default_rng([seed, SPLIT_IDS["train"], index, 1])
     options, out = _edit_options(spec), []
     while options and len(out) < TRAIN_EDITS:
-        types = sorted({o[0] for o in options})
-        kind = types[int(rng.integers(len(types)))]
-        of_kind = [j for j, o in enumerate(options) if o[0] == kind]
-        kind, text, new = options.pop(of_kind[int(rng.integers(len(of_kind)))])
+        kind, text, new = options.pop(_draw_by_type(rng, options))
         if spec_valid(new):
             out.append({"type": kind, "edit": text, "caption": describe(new)["caption"]})
     return out

@@ -514,8 +514,9 @@ def _composed(model, data_dir: str, cache: Cache, cfg: EvalCfg) -> dict:
     for batch in _bar(_my_batches([t for t in triplets if t[0] not in done], cfg.batch_size), "composed", cfg):
         frames = torch.from_numpy(np.stack([decode_clip(tstore.read(t[0], "src.mp4"), cfg.num_frames,
                                                         size=cfg.frame_size)[0] for t in batch])).to(model.device)
-        comp = model.embed_composed(frames, [t[1]["edit"] for t in batch]).embeddings.float().cpu()
-        src = model.embed_video(frames).embeddings.float().cpu()
+        feats = model.vision.frame_features(frames)  # one tower pass for both queries
+        comp = model.embed_composed(None, [t[1]["edit"] for t in batch], features=feats).embeddings.float().cpu()
+        src = model.embed_video(None, features=feats).embeddings.float().cpu()
         new.update({t[0]: {"composed": comp[j], "source": src[j]} for j, t in enumerate(batch)})
     new = _gather(new)
     if new:

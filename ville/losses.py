@@ -159,7 +159,8 @@ def _global_batch(x: torch.Tensor) -> int:
 
 
 def _key_groups(keys: list[str], device) -> torch.Tensor:
-    """Group ids that are equal exactly for equal clip keys, on every rank (they are gathered across ranks)."""
+    """Group ids that are equal exactly for equal strings (clip keys; the composed task's edited captions), on every
+    rank (they are gathered across ranks)."""
     from .data import group_id
 
     return torch.tensor([group_id(k) for k in keys], dtype=torch.long, device=device)

@@ -396,13 +396,14 @@ class ViLLE(nn.Module):
                                     min_embed_tokens, _stop_schedule, energy)
 
     def embed_composed(self, frames, edits, stop_threshold=None, max_embed_tokens=None, min_embed_tokens=None,
-                       num_tokens: int | None = None) -> EmbedOutput:
-        """Composed query: video + edit text as the prefix, then the normal adaptive decode."""
+                       num_tokens: int | None = None, features: torch.Tensor | None = None) -> EmbedOutput:
+        """Composed query: video + edit text as the prefix, then the normal adaptive decode. `features`: as in
+        `embed_video` (one tower pass shared with the source video's own embedding)."""
         if num_tokens is not None:
             stop_threshold, max_embed_tokens, min_embed_tokens = 2.0, num_tokens, num_tokens
         edit_ids = self._token_ids(edits, "edits")
         prompt = self._token_ids([self.cfg.embed.composed_prompt], "composed_prompt")[0]
-        tokens, energy = self.encode_video(frames)
+        tokens, energy = self.encode_video(frames, features)
         prefixes = self._video_prefixes(frames, [e + prompt for e in edit_ids], tokens)
         return self._adaptive_embed(prefixes, stop_threshold, max_embed_tokens, min_embed_tokens, energy=energy)
 

@@ -413,7 +413,7 @@ def test_stop_motion_reads_the_motion_energy():
 def test_shared_frame_features_equal_frames():
     """The tower is per-frame plus a per-clip assembly: assemble(frame_features(x)) is the tower, and embed_video from
     features computed one frame at a time (as the moment eval shares them across overlapping windows) equals
-    embed_video from the frames, motion energy and stop decisions included."""
+    embed_video from the frames, motion energy and stop decisions included (embed_composed likewise)."""
     cfg = tiny_cfg("llama")
     cfg.vision.motion, cfg.vision.pool, cfg.embed.stop_motion = True, 2, True
     torch.manual_seed(0)
@@ -426,7 +426,10 @@ def test_shared_frame_features_equal_frames():
         one_by_one = torch.cat([tower.frame_features(f[None, None]) for f in fr.reshape(12, *fr.shape[2:])])
         feats = one_by_one.reshape(3, 4, tower.tokens_per_frame, tower.width)
         a, b = model.embed_video(fr), model.embed_video(None, features=feats)
-    assert a.num_tokens.tolist() == b.num_tokens.tolist()
+        edits = ["make the red circle blue", "make it large", "make the background gray"]
+        c, d = model.embed_composed(fr, edits), model.embed_composed(None, edits, features=feats)
+    assert a.num_tokens.tolist() == b.num_tokens.tolist() and c.num_tokens.tolist() == d.num_tokens.tolist()
     torch.testing.assert_close(a.embeddings, b.embeddings, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c.embeddings, d.embeddings, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="T=9 frames"):
         tower.assemble(torch.zeros(1, 9, tower.tokens_per_frame, tower.width))
