@@ -30,7 +30,8 @@ class VisionCfg:
     checkpoint: str | None = None  # local weights file (safetensors/bin) instead of the hub
     overrides: dict[str, Any] = field(default_factory=dict)  # timm kwargs: img_size, patch_size, embed_dim, depth ...
     max_frames: int = 12
-    pool: int = 1  # spatial average-pooling stride over the patch grid (2 -> 4x fewer tokens)
+    pool: int = 1  # spatial pooling stride over the patch grid (2 -> 4x fewer tokens)
+    pool_mode: str = "avg"  # "avg" or "max" over each pool x pool cell
     motion: bool = False  # append each token's change since the previous frame (output width 2C; module docstring)
     freeze: bool = False
     grad_checkpointing: bool = False
@@ -56,6 +57,8 @@ class VisionTower(nn.Module):
         super().__init__()
         if cfg.max_frames < 1 or cfg.pool < 1:
             raise ValueError(f"model.vision: max_frames and pool must be >= 1, got {cfg.max_frames}, {cfg.pool}")
+        if cfg.pool_mode not in ("avg", "max"):
+            raise ValueError(f"model.vision.pool_mode: expected 'avg' or 'max', got {cfg.pool_mode!r}")
         self.cfg = cfg
         self.trunk = _create_trunk(cfg)
         data_cfg = timm.data.resolve_model_data_config(self.trunk)
@@ -135,7 +138,8 @@ class VisionTower(nn.Module):
         images = self.preprocess(frames).to(self.temporal_pos.dtype)
         grid = self._trunk_tokens(images)  # (B*T, gh, gw, C)
         if self.cfg.pool > 1:
-            grid = F.avg_pool2d(grid.permute(0, 3, 1, 2), self.cfg.pool, ceil_mode=True).permute(0, 2, 3, 1)
+            pool = F.max_pool2d if self.cfg.pool_mode == "max" else F.avg_pool2d
+            grid = pool(grid.permute(0, 3, 1, 2), self.cfg.pool, ceil_mode=True).permute(0, 2, 3, 1)
         return grid.reshape(B, T, -1, self.width)
 
     def assemble(self, feats: torch.Tensor) -> torch.Tensor:

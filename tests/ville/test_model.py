@@ -433,3 +433,28 @@ def test_shared_frame_features_equal_frames():
     torch.testing.assert_close(c.embeddings, d.embeddings, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="T=9 frames"):
         tower.assemble(torch.zeros(1, 9, tower.tokens_per_frame, tower.width))
+
+
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_pool_modes_reduce_each_cell_of_the_patch_grid(mode):
+    """vision.pool_mode: each output token is the mean / max over its pool x pool cell of the trunk's patch grid, the
+    last row and column of cells clipped when pool does not divide the grid (a 4x4 grid, pool 3: cells 3 and 1)."""
+    cfg = tiny_cfg("llama")
+    cfg.vision.pool, cfg.vision.pool_mode = 3, mode
+    torch.manual_seed(0)
+    tower = ViLLE(cfg).eval().vision
+    assert tuple(tower.grid) == (4, 4) and tower.tokens_per_frame == 4
+    fr = frames(2, t=3)
+    with torch.no_grad():
+        got = tower.frame_features(fr)  # (2, 3, 4, C)
+        grid = tower._trunk_tokens(tower.preprocess(fr)).view(2, 3, 4, 4, -1)
+    reduce = (lambda x: x.mean((2, 3))) if mode == "avg" else (lambda x: x.amax((2, 3)))
+    want = torch.stack([reduce(grid[:, :, r:r + 3, c:c + 3]) for r in (0, 3) for c in (0, 3)], 2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_pool_mode_is_named():
+    cfg = tiny_cfg("llama")
+    cfg.vision.pool, cfg.vision.pool_mode = 2, "median"
+    with pytest.raises(ValueError, match="model.vision.pool_mode.*'median'"):
+        ViLLE(cfg)
