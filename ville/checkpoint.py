@@ -103,13 +103,19 @@ def load_model(cls, path: str, map_location: str = "cpu"):
 
 
 def model_identity(path: str) -> str:
-    """A short content hash of a saved model's weights (the search index checks queries against it)."""
+    """A short content hash of a saved model: its weights and its `config.yaml` (the stop rule and token limits live
+    there, so editing them changes what the model embeds). The search index checks queries against it, and the
+    evaluation cache is keyed by it."""
     import hashlib
 
     h = hashlib.sha256()
     with open(os.path.join(path, WEIGHTS), "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
+    cfg_file = os.path.join(path, "config.yaml")
+    if os.path.exists(cfg_file):
+        with open(cfg_file, "rb") as f:
+            h.update(b"config.yaml\0" + f.read())
     return h.hexdigest()[:16]
 
 

@@ -14,8 +14,9 @@ split across ranks in fixed batches (batch b on rank b % world_size, so every ra
 process would form, and the numbers do not depend on the world size), computed, all-gathered and written to the
 cache by rank 0. Metrics are computed from the gathered results by rank 0 only (`ville.metrics`, which documents the
 formulas and the tie rule). Cache files: `CACHE/{model identity}-{split}-{num_frames}-{what}-{frame size}px.pt`
-(plus `CACHE/{identity}-texts.pt`); the identity is the weights hash (`ville.checkpoint.model_identity`) or, for an
-in-memory model, a hash of its state dict, so a retrained model never reads stale entries.
+(plus `CACHE/{identity}-texts.pt`); the identity is the hash of the weights and the config
+(`ville.checkpoint.model_identity`) or, for an in-memory model, of its state dict and config, so neither a retrained
+model nor an edited stop rule ever reads stale entries.
 """
 from __future__ import annotations
 
@@ -132,8 +133,13 @@ class Cache:
 
 
 def state_identity(model: torch.nn.Module) -> str:
-    """Content hash of an in-memory model's weights (for a saved model use `ville.checkpoint.model_identity`)."""
+    """Content hash of an in-memory model's weights and config (for a saved model use
+    `ville.checkpoint.model_identity`)."""
+    from .config import to_yaml
+
     h = hashlib.sha256()
+    if getattr(model, "cfg", None) is not None:
+        h.update(to_yaml(model.cfg).encode() + b"\0")
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())

@@ -358,3 +358,22 @@ def test_generate_and_match_take_precomputed_video_tokens(env):
         del model.vision.forward
     assert given[0] == plain[0]
     torch.testing.assert_close(given[1], plain[1], rtol=1e-5, atol=1e-6)
+
+
+def test_edited_stop_rule_never_reads_stale_cache(env, tmp_path):
+    """The cache is keyed by weights and config: a copy of the model with only `embed.stop_threshold` edited in its
+    config.yaml gets a new identity, and its evaluation embeds afresh (8 > 1 → every video takes the maximum)."""
+    import shutil
+
+    src, edited = str(env / "model"), str(tmp_path / "edited")
+    shutil.copytree(src, edited)
+    cfg_file = os.path.join(edited, "config.yaml")
+    text = open(cfg_file).read()
+    assert "stop_threshold: 0.5" in text
+    open(cfg_file, "w").write(text.replace("stop_threshold: 0.5", "stop_threshold: 8.0"))
+    assert model_identity(edited) != model_identity(src)
+    assert E.state_identity(ViLLE.from_pretrained(edited)) != E.state_identity(ViLLE.from_pretrained(src))
+    cache = str(tmp_path / "cache")
+    base = E.evaluate(src, str(env / "data"), tasks=["adaptive"], cache_dir=cache, **OPTS)
+    longest = E.evaluate(edited, str(env / "data"), tasks=["adaptive"], cache_dir=cache, **OPTS)
+    assert longest["adaptive"]["mean_tokens"] == 6.0 != base["adaptive"]["mean_tokens"]
