@@ -447,7 +447,8 @@ class TrainBatches(IterableDataset):
                                    f"sample; skipped: {skips.summary()}")
 
 
-_GROUP_TEXT = {"caption": "target", "detailed_caption": "target", "retrieval": "text", "composed": "text"}  # the text a task contrasts
+# The text each contrastive task contrasts (hard-negative groups are formed over it).
+_GROUP_TEXT = {"caption": "target", "detailed_caption": "target", "retrieval": "text", "composed": "text"}
 
 
 def _hard_negative_order(plans: Iterator[Plan], size: int, group: int, pool: int, field_name: str
