@@ -1,5 +1,5 @@
 // One-token decode attention over per-sample KV caches, CPU. Semantics: `decode_attention_ref` in
-// kernels/decode_attention.py. Shape letters: B active queries, Bc cache rows, Hq / Hkv query / kv heads,
+// kernels/ville_kernels/decode_attention.py. Shape letters: B active queries, Bc cache rows, Hq / Hkv query / kv heads,
 // G = Hq / Hkv, Lm cache capacity, D head dim.
 //
 // One task per (b, kv head): its G query heads read the kv head's visible span [start, len) once (decode is

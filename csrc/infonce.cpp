@@ -1,5 +1,5 @@
 // Fused InfoNCE, CPU: forward statistics and backward gradients over (BLOCK_N x BLOCK_M) logit tiles, never the
-// N x M logits. Semantics: kernels/infonce_ref.py (`infonce_ref`); organisation mirrors kernels/infonce.py: the
+// N x M logits. Semantics: kernels/ville_kernels/infonce_ref.py (`infonce_ref`); organisation mirrors kernels/ville_kernels/infonce.py: the
 // positive pair of each row is handled in closed form (x_pos, z = lse_negatives - x_pos, loss = softplus(z)), the
 // tiles only see the negatives.
 //
@@ -231,7 +231,7 @@ at::Tensor positive_dots(const Inputs& in) {
 
 }  // namespace
 
-// Returns (loss (), x_pos (N,), z_row (N,), z_col (N,) or (0,)); see InfoNCEFunction in kernels/infonce.py.
+// Returns (loss (), x_pos (N,), z_row (N,), z_col (N,) or (0,)); see InfoNCEFunction in kernels/ville_kernels/infonce.py.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(
     const at::Tensor& q, const at::Tensor& p, const at::Tensor& logit_scale, const at::Tensor& labels,
     const c10::optional<at::Tensor>& row_groups, const c10::optional<at::Tensor>& col_groups, bool symmetric) {
@@ -320,7 +320,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cpu(
   dq.mul_(gs);
   dp.mul_(gs);
   // The positive pair (i, labels[i]) has G = softmax - 1 = -(softmax mass of the negatives): summed from the very
-  // probabilities the negatives used, so every row and column of G sums to zero (see kernels/infonce.py).
+  // probabilities the negatives used, so every row and column of G sums to zero (see kernels/ville_kernels/infonce.py).
   at::Tensor share = w_row * neg_row;
   if (symmetric) share = share + w_col * neg_col.index_select(0, in.labels);
   const at::Tensor g_pos = share * (-g);  // (N,)

@@ -1,5 +1,5 @@
 // The Python module `ville_kernels._C`. Importing it runs the TORCH_LIBRARY_IMPL registrations of the CPU kernels
-// for the ops that kernels/native.py defines (schemas live there). `torch_version` names the torch it was compiled
+// for the ops that kernels/ville_kernels/native.py defines (schemas live there). `torch_version` names the torch it was compiled
 // against: native.py refuses the kernels when the running torch differs (the C++ ABI is not stable across versions).
 #include <Python.h>
 

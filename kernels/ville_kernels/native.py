@@ -6,7 +6,7 @@ The schemas are defined whether or not the extension was built; `LOADED` says wh
 they do not, `fused_infonce` / `decode_attention` use their PyTorch paths on CPU, see dispatch.backends()).
 `LOAD_ERROR` keeps the reason, e.g. "not built" or an import error.
 
-Shape letters as in kernels/infonce.py and kernels/decode_attention.py.
+Shape letters as in kernels/ville_kernels/infonce.py and kernels/ville_kernels/decode_attention.py.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def _infonce_bwd_fake(grad, q, p, logit_scale, labels, row_groups, col_groups, x
 
 @torch.library.impl("ville_kernels::infonce_fwd", "CUDA", lib=_lib)
 def _infonce_fwd_cuda(q, p, logit_scale, labels, row_groups, col_groups, symmetric):
-    """The Triton launchers of kernels/infonce.py plus InfoNCEFunction.forward's closed-form positive pairs."""
+    """The Triton launchers of kernels/ville_kernels/infonce.py plus InfoNCEFunction.forward's closed-form positive pairs."""
     from .infonce import _infonce_fwd, _positive_dots
     with torch.no_grad(), torch.autocast("cuda", enabled=False):
         lse_row, lse_col = _infonce_fwd(q, p, logit_scale, labels, row_groups, col_groups, symmetric)

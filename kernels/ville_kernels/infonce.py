@@ -7,7 +7,7 @@ Shape letters (kernels, launchers, CPU path):
     TILES_N x TILES_M   tiles per forward program (a "super-tile"); SN x SM super-tiles cover the logits
 
 Reading order: Triton kernels, launchers (grids, block sizes, contiguity), the chunked CPU path,
-`InfoNCEFunction`, the public `fused_infonce`. The specification is `infonce_ref` (kernels/infonce_ref.py).
+`InfoNCEFunction`, the public `fused_infonce`. The specification is `infonce_ref` (kernels/ville_kernels/infonce_ref.py).
 
 Organisation (why it looks like this):
 - The positive pair of each row is handled in closed form. The tiles only compute log-sum-exps over the *negatives*
@@ -478,7 +478,7 @@ def _positive_dots(q, p, labels):
 
 def _add_positive_grads(q, p, logit_scale, grad, labels, w_row, w_col, neg_row, neg_col, dq, dp, ds, symmetric):
     """Add the positive pairs' gradients to fp32 dq / dp (in place); returns ds with theirs added. Shared by the
-    Triton / chunked backward and the csrc backward (kernels/native.py)."""
+    Triton / chunked backward and the csrc backward (kernels/ville_kernels/native.py)."""
     share = w_row * neg_row
     if symmetric:
         share = share + w_col * neg_col[labels]
@@ -565,7 +565,7 @@ def fused_infonce(q, p, logit_scale, labels=None, groups=None, symmetric=True):
         (unlabelled columns contribute nothing). Gradients reach q, p (in their dtype) and logit_scale.
 
     Legend: N rows, M columns, D features. Accumulation and log-sum-exp are fp32. Dispatch: CUDA -> Triton kernels,
-    CPU -> the native csrc kernels when built (kernels/native.py), else chunked PyTorch (O(chunk * M) memory),
+    CPU -> the native csrc kernels when built (kernels/ville_kernels/native.py), else chunked PyTorch (O(chunk * M) memory),
     TRITON_INTERPRET=1 -> the Triton kernels on CPU (set before import),
     VILLE_KERNELS=torch -> chunked PyTorch everywhere. Raises ValueError on malformed inputs.
     """
