@@ -38,6 +38,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # `bench/` is not a package; make `ville_kernels` importable from a source checkout too
 
 from ville_kernels import fused_infonce, native  # noqa: E402
+from ville_kernels.infonce import _infonce_op  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -66,7 +67,7 @@ def triton_loss(q, p, s):
 
 
 def csrc_loss(q, p, s):
-    return native.fused_infonce(q, p, s)
+    return _infonce_op(q, p, s)
 
 
 def _inf_cl():

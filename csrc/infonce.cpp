@@ -1,7 +1,7 @@
 // Fused InfoNCE, CPU: forward statistics and backward gradients over (BLOCK_N x BLOCK_M) logit tiles, never the
-// N x M logits. Semantics: kernels/ville_kernels/infonce_ref.py (`infonce_ref`); organisation mirrors kernels/ville_kernels/infonce.py: the
-// positive pair of each row is handled in closed form (x_pos, z = lse_negatives - x_pos, loss = softplus(z)), the
-// tiles only see the negatives.
+// N x M logits. Semantics: kernels/ville_kernels/infonce_ref.py (`infonce_ref`); organisation mirrors
+// kernels/ville_kernels/infonce.py: the positive pair of each row is handled in closed form (x_pos,
+// z = lse_negatives - x_pos, loss = softplus(z)), the tiles only see the negatives.
 //
 // Shape letters: N rows (q), M columns (p), D features, s = logit_scale. Parallel layout: row blocks are walked in
 // order; inside one, the column blocks are split over the threads. A thread then owns its columns' statistics, its
@@ -231,7 +231,8 @@ at::Tensor positive_dots(const Inputs& in) {
 
 }  // namespace
 
-// Returns (loss (), x_pos (N,), z_row (N,), z_col (N,) or (0,)); see InfoNCEFunction in kernels/ville_kernels/infonce.py.
+// Returns (loss (), x_pos (N,), z_row (N,), z_col (N,) or (0,)); see InfoNCEFunction in
+// kernels/ville_kernels/infonce.py.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(
     const at::Tensor& q, const at::Tensor& p, const at::Tensor& logit_scale, const at::Tensor& labels,
     const c10::optional<at::Tensor>& row_groups, const c10::optional<at::Tensor>& col_groups, bool symmetric) {

@@ -1,6 +1,7 @@
 // The Python module `ville_kernels._C`. Importing it runs the TORCH_LIBRARY_IMPL registrations of the CPU kernels
-// for the ops that kernels/ville_kernels/native.py defines (schemas live there). `torch_version` names the torch it was compiled
-// against: native.py refuses the kernels when the running torch differs (the C++ ABI is not stable across versions).
+// for the ops whose schemas kernels/ville_kernels/library.py defines; kernels/ville_kernels/native.py imports it.
+// `torch_version` names the torch it was compiled against: native.py refuses the kernels when the running torch
+// differs (the C++ ABI is not stable across versions).
 #include <Python.h>
 
 #ifndef VILLE_TORCH_VERSION

@@ -8,14 +8,15 @@ Shape letters (kernels, launchers, reference):
     BLOCK_G  G padded to a tl.dot-able power of two      BLOCK_N  keys per tile      BLOCK_D  D padded to pow2
 
 Reading order: Triton kernels, launchers (grid, block sizes, split heuristic), the CPU torch path, the fp64
-reference, then the public `decode_attention`.
+reference, the input checks, the custom op `torch.ops.ville_kernels.decode_attention` (fake and CUDA kernels,
+wrapper; schema in library.py, CPU kernel in csrc/decode_attention.cpp), then the public `decode_attention`.
 """
 from __future__ import annotations
 
 import torch
 
-from . import native
 from .dispatch import sm_count, use_csrc, use_triton
+from .library import lib
 
 try:
     import triton
@@ -370,6 +371,30 @@ def _check(q, k_cache, v_cache, cache_lens, batch_idx, softcap, window, check):
                              f"at rows {rows[bad].tolist()[:8]}")
 
 
+# ---- custom op torch.ops.ville_kernels.decode_attention (CPU: csrc; CUDA: the launcher above) -----------------------
+# The fake kernel lets `torch.compile(fullgraph=True)` trace straight through the op (forward only: no autograd).
+@torch.library.register_fake("ville_kernels::decode_attention", lib=lib)
+def _decode_attention_fake(q, k_cache, v_cache, cache_lens, batch_idx, scale, softcap, window):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.impl("ville_kernels::decode_attention", "CUDA", lib=lib)
+def _decode_attention_cuda(q, k_cache, v_cache, cache_lens, batch_idx, scale, softcap, window):
+    return _decode_attention_fwd(q, k_cache, v_cache, cache_lens, batch_idx, scale, softcap, window)
+
+
+def _decode_attention_op(q, k_cache, v_cache, cache_lens, batch_idx=None, scale=None, softcap=None, window=None,
+                         check=False):
+    """`decode_attention` through the custom op (forward only; same arguments and result). Eager calls validate
+    with decode_attention's checks (ValueError); under torch.compile the CPU kernel checks values."""
+    if not torch.compiler.is_compiling():
+        _check(q, k_cache, v_cache, cache_lens, batch_idx, softcap, window, check)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    softcap = float(softcap) if softcap is not None else None
+    window = int(window) if window is not None else None
+    return torch.ops.ville_kernels.decode_attention(q, k_cache, v_cache, cache_lens, batch_idx, scale, softcap, window)
+
+
 def decode_attention(q, k_cache, v_cache, cache_lens, batch_idx=None, scale=None, softcap=None, window=None,
                      check=False):
     """Attention of one new token per active sample over its own KV-cache row.
@@ -404,7 +429,7 @@ def decode_attention(q, k_cache, v_cache, cache_lens, batch_idx=None, scale=None
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache))
     # csrc is forward-only too, and takes no empty batch (the torch path returns it).
     if not needs_grad and q.shape[0] > 0 and use_csrc(q, k_cache, v_cache, cache_lens):
-        return native.decode_attention(q, k_cache, v_cache, cache_lens, batch_idx, scale, softcap, window, check)
+        return _decode_attention_op(q, k_cache, v_cache, cache_lens, batch_idx, scale, softcap, window, check)
     _check(q, k_cache, v_cache, cache_lens, batch_idx, softcap, window, check)
     # The Triton kernels are forward-only; when autograd needs gradients the differentiable torch path runs instead.
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

@@ -15,6 +15,8 @@ import os
 
 import torch
 
+from . import native
+
 
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -47,8 +49,7 @@ def use_csrc(*tensors: torch.Tensor) -> bool:
         return False  # non-tensors: the op's own checks raise the ValueError
     if use_triton(*tensors):
         return False
-    from .native import LOADED  # late: native imports the op modules' launchers lazily, and they import us
-    return LOADED
+    return native.LOADED
 
 
 _sm_counts: dict[int, int] = {}
@@ -66,12 +67,11 @@ def backends() -> dict[str, dict[str, str]]:
     """Which backend each op uses on each device, e.g.
     {"infonce": {"cpu": "csrc", "cuda": "triton"}, "decode_attention": {"cpu": "csrc", "cuda": "triton"}}.
     CPU: "triton-interpret" (TRITON_INTERPRET=1), "csrc" (extension loaded) or the PyTorch path."""
-    from .native import LOADED
     no_triton = forced_torch() or not triton_available()
     cuda = "torch" if no_triton else "triton"
     if triton_interpret() and not no_triton:
         cpu = {"infonce": "triton-interpret", "decode_attention": "triton-interpret"}
-    elif LOADED and not forced_torch():
+    elif native.LOADED and not forced_torch():
         cpu = {"infonce": "csrc", "decode_attention": "csrc"}
     else:
         cpu = {"infonce": "torch-chunked", "decode_attention": "torch"}

@@ -7,7 +7,9 @@ Shape letters (kernels, launchers, CPU path):
     TILES_N x TILES_M   tiles per forward program (a "super-tile"); SN x SM super-tiles cover the logits
 
 Reading order: Triton kernels, launchers (grids, block sizes, contiguity), the chunked CPU path,
-`InfoNCEFunction`, the public `fused_infonce`. The specification is `infonce_ref` (kernels/ville_kernels/infonce_ref.py).
+`InfoNCEFunction`, the custom ops `torch.ops.ville_kernels.infonce_fwd / infonce_bwd` (fake and CUDA kernels,
+autograd, wrapper; schemas in library.py, CPU kernels in csrc/infonce.cpp), the public `fused_infonce`. The
+specification is `infonce_ref` (kernels/ville_kernels/infonce_ref.py).
 
 Organisation (why it looks like this):
 - The positive pair of each row is handled in closed form. The tiles only compute log-sum-exps over the *negatives*
@@ -40,9 +42,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import native
 from .dispatch import sm_count, use_csrc, use_triton
 from .infonce_ref import MAX_D, check_infonce_inputs, infonce_ref
+from .library import lib
 
 try:
     import triton
@@ -478,7 +480,7 @@ def _positive_dots(q, p, labels):
 
 def _add_positive_grads(q, p, logit_scale, grad, labels, w_row, w_col, neg_row, neg_col, dq, dp, ds, symmetric):
     """Add the positive pairs' gradients to fp32 dq / dp (in place); returns ds with theirs added. Shared by the
-    Triton / chunked backward and the csrc backward (kernels/ville_kernels/native.py)."""
+    Triton / chunked backward (InfoNCEFunction) and the custom op's CUDA backward (_infonce_bwd_cuda)."""
     share = w_row * neg_row
     if symmetric:
         share = share + w_col * neg_col[labels]
@@ -546,6 +548,93 @@ class InfoNCEFunction(torch.autograd.Function):
         return dq.to(q.dtype), dp.to(p.dtype), ds.to(logit_scale.dtype), None, None, None, None
 
 
+# ---- custom ops torch.ops.ville_kernels.infonce_fwd / infonce_bwd (CPU: csrc; CUDA: the launchers above) ------------
+# Fake kernels and autograd let `torch.compile(fullgraph=True)` trace straight through the op.
+@torch.library.register_fake("ville_kernels::infonce_fwd", lib=lib)
+def _infonce_fwd_fake(q, p, logit_scale, labels, row_groups, col_groups, symmetric):
+    N = q.shape[0]
+    f32 = dict(dtype=torch.float32, device=q.device)
+    return (q.new_empty((), **f32), q.new_empty((N,), **f32), q.new_empty((N,), **f32),
+            q.new_empty((N if symmetric else 0,), **f32))
+
+
+@torch.library.register_fake("ville_kernels::infonce_bwd", lib=lib)
+def _infonce_bwd_fake(grad, q, p, logit_scale, labels, row_groups, col_groups, x_pos, z_row, z_col, symmetric):
+    return torch.empty_like(q), torch.empty_like(p), torch.empty_like(logit_scale)
+
+
+@torch.library.impl("ville_kernels::infonce_fwd", "CUDA", lib=lib)
+def _infonce_fwd_cuda(q, p, logit_scale, labels, row_groups, col_groups, symmetric):
+    """The Triton launchers above plus InfoNCEFunction.forward's closed-form positive pairs."""
+    with torch.no_grad(), torch.autocast("cuda", enabled=False):
+        lse_row, lse_col = _infonce_fwd(q, p, logit_scale, labels, row_groups, col_groups, symmetric)
+        x_pos = logit_scale.to(torch.float32) * _positive_dots(q, p, labels)
+        z_row = lse_row - x_pos
+        loss = F.softplus(z_row).mean()
+        z_col = x_pos.new_empty((0,))
+        if symmetric:
+            z_col = lse_col[labels] - x_pos
+            loss = 0.5 * (loss + F.softplus(z_col).mean())
+    return loss, x_pos, z_row, z_col
+
+
+@torch.library.impl("ville_kernels::infonce_bwd", "CUDA", lib=lib)
+def _infonce_bwd_cuda(grad, q, p, logit_scale, labels, row_groups, col_groups, x_pos, z_row, z_col, symmetric):
+    """InfoNCEFunction.backward on the Triton backward kernel, without the autograd.Function around it."""
+    N, M = q.shape[0], p.shape[0]
+    w_row = 0.5 / N if symmetric else 1.0 / N
+    w_col = 0.5 / N if symmetric else 0.0
+    with torch.no_grad(), torch.autocast("cuda", enabled=False):
+        lse_row = x_pos + F.softplus(z_row)
+        lse_col = None
+        if symmetric:
+            lse_col = torch.full((M,), float("inf"), dtype=torch.float32, device=q.device)
+            lse_col[labels] = x_pos + F.softplus(z_col)
+        dq, dp, ds, neg_row, neg_col = _infonce_bwd(q, p, logit_scale, grad, labels, row_groups, col_groups,
+                                                    lse_row, lse_col, w_row, w_col, symmetric)
+        ds = _add_positive_grads(q, p, logit_scale, grad, labels, w_row, w_col, neg_row, neg_col, dq, dp, ds,
+                                 symmetric)
+    return dq.to(q.dtype), dp.to(p.dtype), ds.to(logit_scale.dtype)
+
+
+def _infonce_setup_context(ctx, inputs, output):
+    q, p, logit_scale, labels, row_groups, col_groups, symmetric = inputs
+    _, x_pos, z_row, z_col = output
+    ctx.mark_non_differentiable(x_pos, z_row, z_col)
+    ctx.save_for_backward(q, p, logit_scale, labels, x_pos, z_row, z_col)
+    # Optional tensors cannot go through save_for_backward as None; groups never need gradients.
+    ctx.groups = (row_groups, col_groups)
+    ctx.symmetric = symmetric
+
+
+def _infonce_backward(ctx, grad_loss, _grad_x_pos, _grad_z_row, _grad_z_col):
+    q, p, logit_scale, labels, x_pos, z_row, z_col = ctx.saved_tensors
+    dq, dp, ds = torch.ops.ville_kernels.infonce_bwd(grad_loss, q, p, logit_scale, labels, *ctx.groups, x_pos, z_row,
+                                                     z_col, ctx.symmetric)
+    return dq, dp, ds, None, None, None, None
+
+
+torch.library.register_autograd("ville_kernels::infonce_fwd", _infonce_backward,
+                                setup_context=_infonce_setup_context, lib=lib)
+
+
+def _infonce_op(q, p, logit_scale, labels=None, groups=None, symmetric=True):
+    """`fused_infonce` through the custom op (same arguments and result). Eager calls validate with
+    check_infonce_inputs (ValueError); under torch.compile the value checks that would need a host sync
+    (label range, distinct labels) run inside the CPU kernel instead (RuntimeError)."""
+    if torch.compiler.is_compiling():
+        if not isinstance(logit_scale, torch.Tensor):
+            logit_scale = torch.tensor(float(logit_scale), dtype=torch.float32, device=q.device)
+        labels = torch.arange(q.shape[0], device=q.device) if labels is None else labels.long()
+        row_groups, col_groups = (None, None) if groups is None else (groups[0].long(), groups[1].long())
+    else:
+        logit_scale, labels, row_groups, col_groups = check_infonce_inputs(q, p, logit_scale, labels, groups,
+                                                                           symmetric)
+    loss, _, _, _ = torch.ops.ville_kernels.infonce_fwd(q, p, logit_scale, labels, row_groups, col_groups,
+                                                        bool(symmetric))
+    return loss
+
+
 def fused_infonce(q, p, logit_scale, labels=None, groups=None, symmetric=True):
     """Contrastive InfoNCE (CLIP loss) without materialising the N x M logits; same results as `infonce_ref`.
 
@@ -565,11 +654,11 @@ def fused_infonce(q, p, logit_scale, labels=None, groups=None, symmetric=True):
         (unlabelled columns contribute nothing). Gradients reach q, p (in their dtype) and logit_scale.
 
     Legend: N rows, M columns, D features. Accumulation and log-sum-exp are fp32. Dispatch: CUDA -> Triton kernels,
-    CPU -> the native csrc kernels when built (kernels/ville_kernels/native.py), else chunked PyTorch (O(chunk * M) memory),
-    TRITON_INTERPRET=1 -> the Triton kernels on CPU (set before import),
+    CPU -> the native csrc kernels when built (the custom op above; kernels/ville_kernels/native.py loads them), else
+    chunked PyTorch (O(chunk * M) memory), TRITON_INTERPRET=1 -> the Triton kernels on CPU (set before import),
     VILLE_KERNELS=torch -> chunked PyTorch everywhere. Raises ValueError on malformed inputs.
     """
     if use_csrc(q, p):  # the native CPU kernels as a custom op (torch.compile traces through it)
-        return native.fused_infonce(q, p, logit_scale, labels, groups, symmetric)
+        return _infonce_op(q, p, logit_scale, labels, groups, symmetric)
     logit_scale, labels, row_groups, col_groups = check_infonce_inputs(q, p, logit_scale, labels, groups, symmetric)
     return InfoNCEFunction.apply(q, p, logit_scale, labels, row_groups, col_groups, bool(symmetric))

@@ -1,4 +1,5 @@
-"""The native CPU kernels (csrc/, `ville_kernels._C`) behind the custom ops of kernels/ville_kernels/native.py.
+"""The native CPU kernels (csrc/, `ville_kernels._C`, loaded by kernels/ville_kernels/native.py) behind the custom
+ops registered in kernels/ville_kernels/infonce.py and decode_attention.py.
 
 Same checks and tolerance rule as tests/kernels/test_infonce.py and test_decode_attention.py (whose case builders
 and comparisons this file reuses): every output and gradient against the fp64 reference, at most twice the error of
