@@ -317,9 +317,10 @@ def test_all_captions_protocol(env, tmp_path):
 
 
 def test_window_features_share_frames(env):
-    """The moment eval runs the tower once per distinct frame of a video's windows (E._window_features): the same
+    """The moment eval runs the tower once per distinct frame of a video's windows (_window_features): the same
     features, and so the same window embeddings, as running it on every window's frames."""
     from ville.data import ClipStore
+    from ville.eval.moments import _window_features
     from ville.video import decode_windows, sliding_windows
 
     model = tiny_model(0)
@@ -329,7 +330,7 @@ def test_window_features_share_frames(env):
     W = len(windows)
     assert len(np.unique(frames.reshape(W * FRAMES, -1), axis=0)) < W * FRAMES  # windows overlap
     with torch.no_grad():
-        feats = E._window_features(model, frames, chunk=5)
+        feats = _window_features(model, frames, chunk=5)
         direct = model.vision.frame_features(torch.from_numpy(frames))
         torch.testing.assert_close(feats, direct, rtol=1e-5, atol=1e-5)
         a = model.embed_video(None, features=feats)
@@ -377,3 +378,23 @@ def test_edited_stop_rule_never_reads_stale_cache(env, tmp_path):
     base = E.evaluate(src, str(env / "data"), tasks=["adaptive"], cache_dir=cache, **OPTS)
     longest = E.evaluate(edited, str(env / "data"), tasks=["adaptive"], cache_dir=cache, **OPTS)
     assert longest["adaptive"]["mean_tokens"] == 6.0 != base["adaptive"]["mean_tokens"]
+
+
+@pytest.mark.parametrize("tokens, title", [((3, 3, 3), "Spearman rho undefined (constant tokens)"),
+                                           ((1, 3, 2), "Spearman rho = 0.50")], ids=["constant", "defined"])
+def test_adaptive_plot_title(tmp_path, monkeypatch, tokens, title):
+    """The plot's title never reads 'rho = None': an undefined rho says why, a defined one has 2 decimals."""
+    import types
+
+    import matplotlib.figure
+
+    from ville.eval.adaptive import adaptive
+
+    titles = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: titles.append(fig.axes[0].get_title()))
+    model = types.SimpleNamespace(cfg=tiny_cfg(), device=torch.device("cpu"))
+    clips = [(f"c{i}", {"complexity": i + 1}) for i in range(len(tokens))]
+    videos = {k: {"tokens": t, "ms": 1.0} for (k, _), t in zip(clips, tokens)}
+    adaptive(model, clips, videos, str(tmp_path / "adaptive.png"), E.EvalCfg(num_frames=FRAMES))
+    assert titles == [title]

@@ -1,0 +1,103 @@
+"""Text-video retrieval and its re-ranking.
+
+`retrieval`: zero-shot cosine similarity of L2-normalised embeddings, T2V and V2T, ties pessimistic; one query per
+video (its `caption`, MSR-VTT 1k-A style) and, where clips have several captions, every caption; dual-softmax
+inference only on request and labelled as such. `rerank`: single-caption T2V; stage 1 ranks the gallery by embedding
+cosine, stage 2 re-orders each query's top k by the matching head's probability (or its fusion with the cosine).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import metrics as M
+from ..data import ClipStore
+from ..video import decode_clip
+from .common import Cache, captions, directions, gather, my_batches, pct, progress_bar, rank_world, single_caption
+from .config import KS, EvalCfg
+
+
+def retrieval(clips, V: torch.Tensor, temb: dict, cfg: EvalCfg, dsl_scale: float) -> dict:
+    tie = "ties pessimistic (a negative scoring >= the correct item ranks ahead of it)"
+    out = {"protocol": f"zero-shot cosine similarity of L2-normalised embeddings; {tie}; R@k in %, MdR/MnR = "
+                       f"median/mean rank of the best-ranked correct item", "num_videos": len(clips)}
+    protocols = {"single_caption": ("one query per video: its `caption` field (MSR-VTT 1k-A style; the first of "
+                                    "`captions` when `caption` is absent); V2T: the video's caption is the only "
+                                    "correct text", [(i, single_caption(m)) for i, (_, m) in enumerate(clips)])}
+    if any(len(captions(m)) > 1 for _, m in clips):
+        protocols["all_captions"] = ("every caption in `captions` is a T2V query with its video as the answer; V2T: "
+                                     "a video is correct at the rank of its best-ranked caption",
+                                     [(i, c) for i, (_, m) in enumerate(clips) for c in captions(m)])
+    for name, (text, pairs) in protocols.items():
+        pairs = [(i, c) for i, c in pairs if c]
+        if not pairs:
+            return {"protocol": "not available: no clip of the split has a caption", "num_videos": len(clips)}
+        T = torch.stack([temb[c] for _, c in pairs]).double()
+        S = T @ V.T
+        owner = [i for i, _ in pairs]
+        out[name] = {"protocol": text, "num_texts": len(pairs), **directions(S, owner, len(clips))}
+        if cfg.dual_softmax:
+            dsl = {"t2v": M.dual_softmax(S, dsl_scale), "v2t": M.dual_softmax(S.T, dsl_scale).T}
+            res_t = directions(dsl["t2v"], owner, len(clips))
+            res_v = directions(dsl["v2t"], owner, len(clips))
+            out[name + "_dual_softmax"] = {
+                "protocol": f"{text}; DUAL-SOFTMAX inference (scores * softmax({dsl_scale:.4g} * scores) over the "
+                            f"query set): uses all test queries at once, not comparable with plain numbers",
+                "num_texts": len(pairs), "t2v": res_t["t2v"], "v2t": res_v["v2t"], "chance": res_t["chance"]}
+    return out
+
+
+def rerank(model, clips, V, temb, store: ClipStore, cache: Cache, cfg: EvalCfg, scale: float) -> dict:
+    k = cfg.rerank_k
+    pairs = [(i, single_caption(m)) for i, (_, m) in enumerate(clips) if single_caption(m)]
+    if not pairs:
+        return {"protocol": "not available: no clip of the split has a caption", "num_queries": 0}
+    T = torch.stack([temb[c] for _, c in pairs]).double()
+    S = T @ V.T
+    top = torch.from_numpy(np.argsort(-S.numpy(), axis=1, kind="stable")[:, :k])  # ties: lower gallery index first
+    keys = [key for key, _ in clips]
+    name = f"{cfg.split}-{cfg.num_frames}-match-{cfg.frame_size}px"
+    done = cache.load(name)
+    todo: dict[str, list[str]] = {}
+    for q, (_, text) in enumerate(pairs):
+        for j in top[q].tolist():
+            if f"{keys[j]}\t{text}" not in done:
+                todo.setdefault(keys[j], []).append(text)
+    new = {}
+    for batch in progress_bar(my_batches(sorted(todo), 1), "rerank", cfg):
+        key = batch[0]
+        frames = torch.from_numpy(decode_clip(store.read(key), cfg.num_frames, size=cfg.frame_size)[0])[None]
+        tokens = model.video_tokens(frames.to(model.device))  # once per video, not once per (video, text) pair
+        texts = sorted(set(todo[key]))
+        for c in range(0, len(texts), cfg.batch_size):
+            chunk = texts[c:c + cfg.batch_size]
+            probs = model.match(None, chunk, video=tokens.expand(len(chunk), -1, -1)).float().cpu()
+            new.update({f"{key}\t{t}": float(p) for t, p in zip(chunk, probs)})
+    new = gather(new)
+    if new:
+        done.update(new)
+        cache.save(name, done)
+    if rank_world()[0] != 0:  # metrics on rank 0 only
+        return {}
+    second = []
+    pos = torch.zeros(S.shape, dtype=torch.bool)
+    pos[torch.arange(len(pairs)), torch.tensor([i for i, _ in pairs])] = True
+    first = M.retrieval_ranks(S, pos)
+    for q, (owner, text) in enumerate(pairs):
+        cands = top[q].tolist()
+        if owner not in cands:
+            second.append(int(first[q]))
+            continue
+        score = torch.tensor([done[f"{keys[j]}\t{text}"] for j in cands], dtype=torch.float64)
+        if cfg.rerank_fusion is not None:
+            score = scale * S[q, cands] + cfg.rerank_fusion * torch.logit(score, eps=1e-6)
+        second.append(int(M.retrieval_ranks(score[None], torch.tensor([j == owner for j in cands])[None])[0]))
+    s1, s2 = pct(M.recall_metrics(first, KS)), pct(M.recall_metrics(second, KS))
+    by = ("the matching head's probability (model.match)" if cfg.rerank_fusion is None else
+          f"{scale:.4g} x cosine + {cfg.rerank_fusion:g} x logit(matching probability) (model.match)")
+    return {"protocol": f"single-caption T2V; stage 1 ranks the gallery by embedding cosine, stage 2 re-orders each "
+                        f"query's top-{k} (stable sort, ties to the lower gallery index) by {by}, ties pessimistic; "
+                        f"items below the top-{k} keep their rank",
+            "k": k, "num_queries": len(pairs), "fusion_weight": cfg.rerank_fusion, "stage1": s1, "stage2": s2,
+            "gain": {f"R@{x}": round(s2[f"R@{x}"] - s1[f"R@{x}"], 2) for x in KS},
+            "oracle_R@1": round(100.0 * float(np.mean(np.asarray(first) <= k)), 2)}
