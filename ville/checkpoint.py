@@ -87,12 +87,25 @@ def load_weights(model, path: str, strict: bool = False, map_location: str = "cp
     return report
 
 
+def resolve_model_dir(path: str) -> str:
+    """A folder written by save_pretrained, or a training run's `out_dir` (its model is `out_dir/final`)."""
+    if os.path.isfile(os.path.join(path, "config.yaml")):
+        return path
+    final = os.path.join(path, "final")
+    if os.path.isfile(os.path.join(final, "config.yaml")):
+        return final
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: no saved model here (no config.yaml); a training run saves its model to "
+                         f"{final} when it finishes")
+    raise ValueError(f"{path}: no such model folder")
+
+
 def load_model(cls, path: str, map_location: str = "cpu"):
     from transformers import AutoTokenizer
 
-    from .config import read_yaml, structured
-    from .model import ModelCfg
+    from .config import ModelCfg, read_yaml, structured
 
+    path = resolve_model_dir(path)
     cfg_file = os.path.join(path, "config.yaml")
     cfg = structured(cfg_file, ModelCfg, read_yaml(cfg_file))
     cfg.vision.pretrained, cfg.vision.checkpoint, cfg.llm.pretrained = False, None, False  # weights come from here
@@ -108,6 +121,7 @@ def model_identity(path: str) -> str:
     evaluation cache is keyed by it."""
     import hashlib
 
+    path = resolve_model_dir(path)
     h = hashlib.sha256()
     with open(os.path.join(path, WEIGHTS), "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):

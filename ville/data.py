@@ -42,8 +42,8 @@ import re
 import zlib
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -52,6 +52,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .shards import (ClipStore, IndexedSample, SkipCounter, _ShardReader, _usable_video, expand_braces,  # noqa: F401
                      expand_shards, iter_samples, parse_sources, read_shard_index)
 from .video import VideoDecodeError, decode_clip, decode_windows, sliding_windows, window_iou
+from .config import DataCfg  # noqa: F401  (this stage's config; torch-free home in config.py)
 
 log = logging.getLogger(__name__)
 
@@ -65,40 +66,6 @@ TEXT_FIELDS = {"caption": ("prompt", "target"), "detailed_caption": ("prompt", "
                "retrieval": ("text",), "localisation": ("text",), "matching": ("text",), "composed": ("edit", "text")}
 _STOPWORDS = frozenset("the and with from into onto near are was were its this that then than over under on in of "
                        "at to by for".split())
-
-
-@dataclass
-class DataCfg:
-    # Shards: "dir/shard-{000000..000009}.tar" | ["a.tar", "b-*.tar"] | [{pattern: ..., weight: 2.0}, ...]. A
-    # source's weight is its share of shard draws in the resampled training stream.
-    train_shards: Any = None
-    val_shards: Any = None
-    test_shards: Any = None
-    video_ext: str = "mp4"  # video member; a sample without it may name another in its JSON `video_ext`
-    num_frames: int = 8
-    frame_size: Optional[int] = None  # resize decoded frames to frame_size^2 (None: native size)
-    seek: bool = True  # False decodes every frame up to the last target (same frames; for checks / benchmarks)
-    num_workers: int = 0
-    pin_memory: bool = False
-    shuffle_buffer: int = 500  # plans (metadata only) mixed across shards
-    seed: int = 0
-    # Localisation: candidate windows slide at these fractions of the duration, `window_stride` x their length
-    # apart; negatives have IoU < window_negative_iou with the ground truth.
-    window_scales: List[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5])
-    window_stride: float = 0.5
-    num_window_negatives: int = 7
-    window_negative_iou: float = 0.2
-    # Matching: a negative text is a caption of one of the last `matching_buffer` clips of the stream, preferably
-    # one sharing a content word with the clip's own caption; about `matching_negative_fraction` are negatives.
-    matching_buffer: int = 32
-    matching_negative_fraction: float = 0.5
-    # Hard-negative batches (caption, detailed_caption, retrieval; 1 = off): each batch is made of groups of this
-    # many clips, an anchor plus the clips of the next `hard_negative_pool` plans whose texts share the most content
-    # words with its text (never an identical text), so the contrastive loss must tell apart clips a random batch
-    # would rarely pair (README, design choices).
-    hard_negative_group: int = 1
-    hard_negative_pool: int = 128
-    max_consecutive_failures: int = 1000
 
 
 def check_cfg(cfg: DataCfg) -> None:

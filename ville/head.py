@@ -11,20 +11,11 @@ the fixed-length variants use without re-running anything.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-@dataclass
-class HeadCfg:
-    num_pool_tokens: int = 32  # P
-    width: int = 512  # attention/MLP width inside the head
-    num_heads: int = 8
-    mlp_ratio: float = 2.0
-    dim: int = 512  # D, the embedding dimension
+from .config import HeadCfg  # noqa: F401  (this stage's config; torch-free home in config.py)
 
 
 class KVFormerHead(nn.Module):

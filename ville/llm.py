@@ -15,8 +15,7 @@ Because transformers has no mask function for an unknown implementation name, it
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,30 +23,9 @@ from torch import nn
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
 
 import ville_kernels
+from .config import LLMCfg, LoRACfg  # noqa: F401  (this stage's config; torch-free home in config.py)
 
 ATTN_NAME = "ville"
-
-
-@dataclass
-class LoRACfg:
-    enabled: bool = False
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-
-
-@dataclass
-class LLMCfg:
-    name: str = "google/gemma-2-2b"  # hub name or local path (used when pretrained=true)
-    pretrained: bool = False
-    # Used when pretrained=false: AutoConfig.for_model(**config) builds a randomly initialised decoder, so a recipe
-    # builds without the hub. Must contain model_type (gemma2, llama, qwen2, ...).
-    config: dict[str, Any] = field(default_factory=dict)
-    tokenizer: str = "builtin"  # "builtin" or a hub name / local path
-    dtype: str = "float32"  # weights dtype: float32 | bfloat16 | float16
-    lora: LoRACfg = field(default_factory=LoRACfg)
-    grad_checkpointing: bool = False
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -63,6 +41,8 @@ def build_llm(cfg: LLMCfg, vocab_size: int, saved_config_dir: str | None = None)
         config = AutoConfig.from_pretrained(saved_config_dir)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     elif cfg.pretrained:
+        if not cfg.name:
+            raise ValueError("model.llm.name: a hub name or local path is required when model.llm.pretrained=true")
         try:
             model = AutoModelForCausalLM.from_pretrained(cfg.name, dtype=dtype)
         except OSError as e:

@@ -23,28 +23,13 @@ other tasks would contradict them), and `halting_min_batch` does not apply (the 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from .contrastive import _gather_rows, _gather_sizes, gathered_infonce
-
-
-@dataclass
-class LossCfg:
-    lm: float = 1.0  # captions, detailed captions and QA (next-token prediction)
-    contrastive: float = 1.0  # video-text InfoNCE (symmetric)
-    localisation: float = 1.0  # text vs the ground-truth window and its IoU < 0.2 hard negatives
-    matching: float = 1.0  # video-text matching BCE
-    composed: float = 1.0  # composed query (video + edit text) vs the edited caption: InfoNCE
-    halting: float = 0.5  # BCE on the stop logits
-    token_cost: float = 0.02  # per expected embedding token
-    halting_margin: float = 0.05  # cosine margin of the "already ranks first" test
-    halting_min_batch: int = 16  # tasks whose global batch is smaller do not feed the halting loss
-    embed_steps: str = "all"  # "all": contrastive loss averaged over every prefix length; "last": step K only
-    halting_target: str = "rank"  # "rank": already ranks first by the margin; "sentences": detailed-caption length
+from .config import LossCfg  # noqa: F401  (this stage's config; torch-free home in config.py)
 
 
 def lm_loss(model, batch) -> torch.Tensor:

@@ -21,47 +21,18 @@ generation ended before its first word. Text generation never emits `<emb>`, `<e
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .head import HeadCfg, KVFormerHead, MatchHead
-from .llm import AttnState, LLMCfg, apply_lora, build_llm
-from .projector import Projector, ProjectorCfg
+from .head import KVFormerHead, MatchHead
+from .llm import AttnState, apply_lora, build_llm
+from .projector import Projector
 from .tokenizer import EMB_TOKEN, EMBED_MODE_TOKENS, EOE_TOKEN, load_tokenizer
-from .vision import VisionCfg, VisionTower
-
-
-@dataclass
-class EmbedCfg:
-    max_embed_tokens: int = 16
-    min_embed_tokens: int = 1
-    stop_threshold: float = 0.5  # stop at the first step t >= min whose stop probability exceeds this
-    video_prompt: str = "Summarize the video in embeddings."
-    text_prompt: str = "Summarize the text in one embedding."
-    # Composed retrieval is zero-shot (never trained): the edit text goes before the trained video prompt, so the
-    # query stays in the distribution the embedding steps were trained on (a new instruction here measured worse).
-    composed_prompt: str = "Summarize the video in embeddings."
-    match_prompt: str = "Does the video match the text?"
-    # The stop logit also reads the video's motion energy through one learned weight (`stop_motion`; needs
-    # model.vision.motion; module docstring).
-    stop_motion: bool = False
-    init_temperature: float = 0.05  # contrastive temperature at init (learned as logit_scale = 1 / temperature)
-    max_logit_scale: float = 100.0
-
-
-@dataclass
-class ModelCfg:
-    vision: VisionCfg = field(default_factory=VisionCfg)
-    projector: ProjectorCfg = field(default_factory=ProjectorCfg)
-    llm: LLMCfg = field(default_factory=LLMCfg)
-    head: HeadCfg = field(default_factory=HeadCfg)
-    embed: EmbedCfg = field(default_factory=EmbedCfg)
-    max_text_tokens: int = 256  # longer texts are truncated (prompts, captions, targets)
-    decode_attention: str = "auto"  # "auto": ville_kernels dispatch (Triton on CUDA); "ref": reference path
-    compact_every: int = 1  # drop finished samples every k decode steps (each check syncs with the host)
+from .vision import VisionTower
+from .config import EmbedCfg, ModelCfg  # noqa: F401  (this stage's config; torch-free home in config.py)
 
 
 @dataclass

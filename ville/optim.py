@@ -3,28 +3,10 @@ biases), warmup then cosine decay to `min_lr_ratio` of each group's peak rate.""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-
-@dataclass
-class OptimCfg:
-    lr: float = 1e-4  # projector, heads, learned queries, temperature
-    lr_vision: float | None = None  # None: same as lr
-    lr_llm: float | None = None  # full LLM weights (when not frozen by LoRA)
-    lr_lora: float | None = None
-    # The stop group: the per-step stop biases (model.stop_step_bias) and the motion weight (model.stop_motion). They
-    # are logits and logit slopes that start at zero; Adam moves a parameter by about lr a step, so at lr they would
-    # need thousands of steps to move one unit. None: 100 x lr.
-    lr_stop: float | None = None
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-8
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0  # max global grad norm; <= 0 disables
+from .config import OptimCfg  # noqa: F401  (this stage's config; torch-free home in config.py)
 
 
 def part_of(name: str) -> str:

@@ -1,14 +1,9 @@
 """Projector: vision-tower width -> LLM width (linear, as in PaliGemma, or a 2-layer MLP as in LLaVA-1.5)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 from torch import nn
-
-
-@dataclass
-class ProjectorCfg:
-    kind: str = "mlp"  # "linear" | "mlp"
+from .config import ProjectorCfg  # noqa: F401  (this stage's config; torch-free home in config.py)
 
 
 class Projector(nn.Module):

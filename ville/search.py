@@ -18,10 +18,12 @@ import argparse
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from .index import load_index
+# torch is imported inside the functions, so `python -m ville.search --help` answers without it (seconds to import).
 
 FAISS_MIN_SIZE = 100_000
 
@@ -42,6 +44,8 @@ def topk(embeddings: torch.Tensor, query: torch.Tensor, k: int, use_faiss: bool 
          ) -> tuple[torch.Tensor, torch.Tensor]:
     """embeddings (N, D), query (D,) -> (scores (k',), indices (k',)), k' = min(k, N), best first.
     use_faiss None: FAISS when importable and N > FAISS_MIN_SIZE."""
+    import torch
+
     n = embeddings.shape[0]
     k = min(k, n)
     faiss = _faiss() if use_faiss is not False else None
@@ -66,6 +70,8 @@ def check_identity(index: dict, identity: str, model_dir: str) -> None:
 
 
 def _frames(source: dict, num_frames: int, frame_size: int | None, stores: dict):
+    import torch
+
     from .data import ClipStore
     from .video import decode_clip
 
@@ -77,26 +83,28 @@ def _frames(source: dict, num_frames: int, frame_size: int | None, stores: dict)
     return torch.from_numpy(decode_clip(data, num_frames, size=frame_size)[0])
 
 
-@torch.no_grad()
 def search(index: dict, model, query: str, k: int = 5, *, rerank: bool = False, rerank_k: int | None = None,
            batch_size: int = 8) -> list[dict]:
     """Ranked hits [{"rank", "id", "score" (cosine), "match" (when rerank), "source"}]."""
-    q = model.embed_text([query])[0].float().cpu()
-    depth = max(k, rerank_k or 0) if rerank else k
-    scores, idx = topk(index["embeddings"], q, depth)
-    hits = [{"id": index["ids"][i], "score": float(s), "source": index["sources"][i]}
-            for s, i in zip(scores.tolist(), idx.tolist())]
-    if rerank:
-        stores: dict = {}
-        for c in range(0, len(hits), batch_size):
-            chunk = hits[c:c + batch_size]
-            frames = torch.stack([_frames(h["source"], index["num_frames"], index["frame_size"], stores)
-                                  for h in chunk]).to(model.device)
-            probs = model.match(frames, [query] * len(chunk)).float().cpu()
-            for h, p in zip(chunk, probs.tolist()):
-                h["match"] = p
-        hits = sorted(hits, key=lambda h: -h["match"])  # stable: equal probabilities keep the embedding order
-    return [{"rank": r + 1, **h} for r, h in enumerate(hits[:k])]
+    import torch
+
+    with torch.no_grad():
+        q = model.embed_text([query])[0].float().cpu()
+        depth = max(k, rerank_k or 0) if rerank else k
+        scores, idx = topk(index["embeddings"], q, depth)
+        hits = [{"id": index["ids"][i], "score": float(s), "source": index["sources"][i]}
+                for s, i in zip(scores.tolist(), idx.tolist())]
+        if rerank:
+            stores: dict = {}
+            for c in range(0, len(hits), batch_size):
+                chunk = hits[c:c + batch_size]
+                frames = torch.stack([_frames(h["source"], index["num_frames"], index["frame_size"], stores)
+                                      for h in chunk]).to(model.device)
+                probs = model.match(frames, [query] * len(chunk)).float().cpu()
+                for h, p in zip(chunk, probs.tolist()):
+                    h["match"] = p
+            hits = sorted(hits, key=lambda h: -h["match"])  # stable: equal probabilities keep the embedding order
+        return [{"rank": r + 1, **h} for r, h in enumerate(hits[:k])]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -108,10 +116,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--rerank", action="store_true", help="re-rank with the matching head (decodes the videos)")
     p.add_argument("--rerank-k", type=int, default=20, help="how many embedding hits the matching head re-scores")
     p.add_argument("--json", action="store_true", help="print the hits as JSON")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     a = p.parse_args(argv)
+    import torch
+
     from .checkpoint import model_identity
+    from .index import load_index
     from .model import ViLLE
+
+    a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     try:
         index = load_index(a.index)

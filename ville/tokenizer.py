@@ -3,7 +3,8 @@
 Nothing can be downloaded at run time on CI or in the demo, so the tiny recipes use `build_builtin_tokenizer()`: a
 lower-casing WordPiece vocabulary of common English and video words, plus every printable ASCII character as a word
 start and as a `##` continuation. Any ASCII text therefore tokenizes without `<unk>` (unknown words fall back to
-characters), and the vocabulary stays small (~1k) so a tiny LLM's embedding table is cheap.
+characters), and the vocabulary stays small (636 entries, `len(builtin_vocab())`) so a tiny LLM's
+embedding table is cheap.
 
 Both kinds get the special tokens the model needs: `<emb>` (the learned embedding-step input), `<eoe>` (end of
 embedding: the EOS of embedding mode, whose logit against `<emb>` is the stop signal of adaptive embedding

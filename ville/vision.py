@@ -14,27 +14,12 @@ token (ours: the synthetic benchmark's events are changes, and a from-scratch ti
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-@dataclass
-class VisionCfg:
-    name: str = "vit_so400m_patch14_siglip_384"  # any timm model name (SigLIP family by default)
-    pretrained: bool = False
-    checkpoint: str | None = None  # local weights file (safetensors/bin) instead of the hub
-    overrides: dict[str, Any] = field(default_factory=dict)  # timm kwargs: img_size, patch_size, embed_dim, depth ...
-    max_frames: int = 12
-    pool: int = 1  # spatial pooling stride over the patch grid (2 -> 4x fewer tokens)
-    pool_mode: str = "avg"  # "avg" or "max" over each pool x pool cell
-    motion: bool = False  # append each token's change since the previous frame (output width 2C; module docstring)
-    freeze: bool = False
-    grad_checkpointing: bool = False
+from .config import VisionCfg  # noqa: F401  (this stage's config; torch-free home in config.py)
 
 
 def _create_trunk(cfg: VisionCfg) -> nn.Module:

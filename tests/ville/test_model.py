@@ -253,6 +253,25 @@ def test_save_load_round_trip_exact(tmp_path, family):
     torch.testing.assert_close(model.embed_video(fr).embeddings, loaded.embed_video(fr).embeddings, rtol=0, atol=0)
 
 
+def test_from_pretrained_takes_a_run_folder_and_names_what_is_missing(tmp_path):
+    model = build("llama")
+    model.save_pretrained(str(tmp_path / "run" / "final"))  # where a training run leaves its model
+    loaded = ViLLE.from_pretrained(str(tmp_path / "run"))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    saved = open(tmp_path / "run" / "final" / "config.yaml").read()
+    assert "gemma" not in saved and "model_type: llama" in saved  # it names no checkpoint it was not built from
+    (tmp_path / "unfinished").mkdir()
+    with pytest.raises(ValueError, match=r"no config\.yaml.*unfinished/final"):
+        ViLLE.from_pretrained(str(tmp_path / "unfinished"))
+
+
+def test_pretrained_llm_needs_a_name():
+    cfg = tiny_cfg("llama")
+    cfg.llm.pretrained = True
+    with pytest.raises(ValueError, match="model.llm.name"):
+        ViLLE(cfg)
+
+
 def test_partial_load_reports_keys(tmp_path):
     stage2 = build("llama", lora=False)
     stage2.save_pretrained(str(tmp_path / "s2"))

@@ -62,6 +62,34 @@ def test_three_stages_train_from_their_recipes(synth, tmp_path):
     assert "halting_retrieval" not in comps  # sentence targets: only detailed captions feed halting
     s1 = [json.loads(x) for x in open(tmp_path / "s1" / "metrics.jsonl")]
     assert "halting_caption" in s1[0]  # stage 1: rank targets from its caption batch
+    # The logged lr is the one each step applied: warmup over 2 steps gives factors 1/2 and 1 (the rate read after
+    # the schedule advanced would give 1 and 1).
+    assert s1[0]["lr"] == pytest.approx(0.5 * s1[1]["lr"])
+
+
+def test_progress_bar_shows_the_step_just_taken(synth, tmp_path, monkeypatch):
+    import tqdm
+
+    shown = []
+
+    class Bar:  # what the console bar would draw at each update
+        def __init__(self, *args, **kwargs):
+            self.postfix = {}
+
+        def set_postfix(self, refresh=True, **kw):
+            self.postfix = kw
+
+        def update(self, n):
+            shown.append(self.postfix.get("loss"))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    out = tmp_path / "run"
+    ov = overrides("recipes/tiny/stage1.yaml", synth, out, train__max_steps=3, train__save_every=10)
+    assert main(["recipes/tiny/stage1.yaml", *ov]) == 0
+    assert shown == [f"{loss:.4f}" for loss in losses(out).values()]
 
 
 def _run(args, **kw):
