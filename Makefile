@@ -48,7 +48,7 @@ lowest: | $(UV)
 		-o $(LOWEST)/requirements.txt
 	$(UV) pip sync -q --python $(LOWEST)/bin/python $(LOWEST)/requirements.txt
 	$(UV) pip install -q --python $(LOWEST)/bin/python setuptools wheel ninja
-	$(UV) pip install -q --python $(LOWEST)/bin/python --no-deps --no-build-isolation -e .
+	$(UV) pip install -q --python $(LOWEST)/bin/python --no-deps --no-build-isolation --reinstall-package ville .
 	$(LOWEST)/bin/python -m pytest -q tests $(PYTEST_ARGS)
 
 clean:

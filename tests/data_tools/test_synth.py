@@ -171,7 +171,7 @@ def _one_difference(a: dict, b: dict) -> str:
 
 
 def test_composed_triplets(dataset):
-    import webdataset as wds  # the reader the training pipeline uses
+    import webdataset as wds  # an independent reader of the format (ville reads its shards with ville/shards.py)
 
     gallery = {k: (json.loads(m["json"]), m["mp4"]) for k, m in _samples(dataset, "composed_gallery")}
     assert len(gallery) == COUNTS["composed"] * 4
