@@ -49,10 +49,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .config import DataCfg  # noqa: F401  (this stage's config; torch-free home in config.py)
 from .shards import (ClipStore, IndexedSample, SkipCounter, _ShardReader, _usable_video, expand_braces,  # noqa: F401
                      expand_shards, iter_samples, parse_sources, read_shard_index)
 from .video import VideoDecodeError, decode_clip, decode_windows, sliding_windows, window_iou
-from .config import DataCfg  # noqa: F401  (this stage's config; torch-free home in config.py)
 
 log = logging.getLogger(__name__)
 

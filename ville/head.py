@@ -11,10 +11,10 @@ the fixed-length variants use without re-running anything.
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from .config import HeadCfg  # noqa: F401  (this stage's config; torch-free home in config.py)
 
 

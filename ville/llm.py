@@ -23,6 +23,7 @@ from torch import nn
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
 
 import ville_kernels
+
 from .config import LLMCfg, LoRACfg  # noqa: F401  (this stage's config; torch-free home in config.py)
 
 ATTN_NAME = "ville"

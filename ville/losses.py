@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .contrastive import _gather_rows, _gather_sizes, gathered_infonce
 from .config import LossCfg  # noqa: F401  (this stage's config; torch-free home in config.py)
+from .contrastive import _gather_rows, _gather_sizes, gathered_infonce
 
 
 def lm_loss(model, batch) -> torch.Tensor:

@@ -27,12 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import load_model, load_weights, save_model
+from .config import EmbedCfg, ModelCfg  # noqa: F401  (this stage's config; torch-free home in config.py)
 from .head import KVFormerHead, MatchHead
 from .llm import AttnState, apply_lora, build_llm
 from .projector import Projector
 from .tokenizer import EMB_TOKEN, EMBED_MODE_TOKENS, EOE_TOKEN, load_tokenizer
 from .vision import VisionTower
-from .config import EmbedCfg, ModelCfg  # noqa: F401  (this stage's config; torch-free home in config.py)
 
 
 @dataclass
@@ -434,20 +435,14 @@ class ViLLE(nn.Module):
 
     # ----------------------------------------------------------------------------------------- save / load
     def save_pretrained(self, path: str) -> None:
-        from .checkpoint import save_model
-
         save_model(self, path)
 
     @classmethod
     def from_pretrained(cls, path: str, map_location: str = "cpu") -> "ViLLE":
-        from .checkpoint import load_model
-
         return load_model(cls, path, map_location)
 
     def load_weights(self, path: str, strict: bool = False):
         """Partial loading (stage N+1 from stage N's final model). Returns a LoadReport."""
-        from .checkpoint import load_weights
-
         return load_weights(self, path, strict=strict)
 
 

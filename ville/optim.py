@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+
 from .config import OptimCfg  # noqa: F401  (this stage's config; torch-free home in config.py)
 
 

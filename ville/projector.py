@@ -1,8 +1,8 @@
 """Projector: vision-tower width -> LLM width (linear, as in PaliGemma, or a 2-layer MLP as in LLaVA-1.5)."""
 from __future__ import annotations
 
-
 from torch import nn
+
 from .config import ProjectorCfg  # noqa: F401  (this stage's config; torch-free home in config.py)
 
 

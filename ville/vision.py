@@ -19,6 +19,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from .config import VisionCfg  # noqa: F401  (this stage's config; torch-free home in config.py)
 
 
