@@ -496,6 +496,43 @@ def _add_positive_grads(q, p, logit_scale, grad, labels, w_row, w_col, neg_row, 
     return ds
 
 
+def _loss_from_lse(q, p, logit_scale, labels, lse_neg_row, lse_neg_col, symmetric):
+    """(loss, x_pos, z_row, z_col) from the negatives' log-sum-exps: the positive logits x_pos (N,) by an O(N * D)
+    gather, z = lse_negatives - x_pos, loss = mean softplus(z) (both directions averaged when symmetric; z_col is
+    None otherwise). Shared by InfoNCEFunction and the CUDA custom op."""
+    x_pos = logit_scale.to(torch.float32) * _positive_dots(q, p, labels)
+    z_row = lse_neg_row - x_pos
+    loss = F.softplus(z_row).mean()
+    z_col = None
+    if symmetric:
+        # Column labels[i] has row i as its positive (labels are distinct in symmetric mode).
+        z_col = lse_neg_col[labels] - x_pos
+        loss = 0.5 * (loss + F.softplus(z_col).mean())
+    return loss, x_pos, z_row, z_col
+
+
+def _grads_from_stats(bwd, q, p, logit_scale, grad, labels, row_groups, col_groups, x_pos, z_row, z_col, symmetric):
+    """(dq, dp, dscale) in the inputs' dtypes from the forward's saved statistics, by the backward `bwd` (Triton
+    launcher or chunked torch). Shared by InfoNCEFunction and the CUDA custom op."""
+    N, M = q.shape[0], p.shape[0]
+    w_row = 0.5 / N if symmetric else 1.0 / N
+    w_col = 0.5 / N if symmetric else 0.0
+    lse_row = x_pos + F.softplus(z_row)
+    lse_col = None
+    if symmetric:
+        # Columns that are no row's label carry no loss: an LSE of +inf makes their softmax exactly 0.
+        lse_col = torch.full((M,), float("inf"), dtype=torch.float32, device=q.device)
+        lse_col[labels] = x_pos + F.softplus(z_col)
+    dq, dp, ds, neg_row, neg_col = bwd(q, p, logit_scale, grad, labels, row_groups, col_groups, lse_row, lse_col,
+                                       w_row, w_col, symmetric)
+    # The positive pair (i, labels[i]) has G = softmax - 1 = -(softmax mass of the negatives), in both directions.
+    # Taking that mass from exactly the probabilities the negatives used keeps every row and column of G summing to
+    # zero (an independently rounded 1 - softmax does not, which biases dq, dp and ds), and adding it here, in fp32,
+    # keeps it out of the tile's low-precision G.
+    ds = _add_positive_grads(q, p, logit_scale, grad, labels, w_row, w_col, neg_row, neg_col, dq, dp, ds, symmetric)
+    return dq.to(q.dtype), dp.to(p.dtype), ds.to(logit_scale.dtype)
+
+
 class InfoNCEFunction(torch.autograd.Function):
     """Forward: log-sum-exp over each row's and each column's *negatives*, tiled (Triton) or chunked (torch), and the
     positive logits x_pos (N,) from an O(N * D) gather; with z = lse_negatives - x_pos the loss of a row (or column)
@@ -508,14 +545,7 @@ class InfoNCEFunction(torch.autograd.Function):
         # Autocast off: the torch path's matmuls must stay fp32 even inside a bf16 autocast region.
         with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
             lse_neg_row, lse_neg_col = fwd(q, p, logit_scale, labels, row_groups, col_groups, symmetric)
-            x_pos = logit_scale.to(torch.float32) * _positive_dots(q, p, labels)
-            z_row = lse_neg_row - x_pos
-            loss = F.softplus(z_row).mean()
-            z_col = None
-            if symmetric:
-                # Column labels[i] has row i as its positive (labels are distinct in symmetric mode).
-                z_col = lse_neg_col[labels] - x_pos
-                loss = 0.5 * (loss + F.softplus(z_col).mean())
+            loss, x_pos, z_row, z_col = _loss_from_lse(q, p, logit_scale, labels, lse_neg_row, lse_neg_col, symmetric)
         ctx.save_for_backward(q, p, logit_scale, labels, row_groups, col_groups, x_pos, z_row, z_col)
         ctx.symmetric = symmetric
         ctx.triton_path = triton_path
@@ -525,27 +555,11 @@ class InfoNCEFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         q, p, logit_scale, labels, row_groups, col_groups, x_pos, z_row, z_col = ctx.saved_tensors
-        symmetric = ctx.symmetric
-        N, M = q.shape[0], p.shape[0]
-        w_row = 0.5 / N if symmetric else 1.0 / N
-        w_col = 0.5 / N if symmetric else 0.0
+        bwd = _infonce_bwd if ctx.triton_path else _infonce_bwd_torch
         with torch.autocast(q.device.type, enabled=False):
-            lse_row = x_pos + F.softplus(z_row)
-            lse_col = None
-            if symmetric:
-                # Columns that are no row's label carry no loss: an LSE of +inf makes their softmax exactly 0.
-                lse_col = torch.full((M,), float("inf"), dtype=torch.float32, device=q.device)
-                lse_col[labels] = x_pos + F.softplus(z_col)
-            bwd = _infonce_bwd if ctx.triton_path else _infonce_bwd_torch
-            dq, dp, ds, neg_row, neg_col = bwd(q, p, logit_scale, grad, labels, row_groups, col_groups, lse_row,
-                                               lse_col, w_row, w_col, symmetric)
-            # The positive pair (i, labels[i]) has G = softmax - 1 = -(softmax mass of the negatives), in both
-            # directions. Taking that mass from exactly the probabilities the negatives used keeps every row and
-            # column of G summing to zero (an independently rounded 1 - softmax does not, which biases dq, dp and
-            # ds), and adding it here, in fp32, keeps it out of the tile's low-precision G.
-            ds = _add_positive_grads(q, p, logit_scale, grad, labels, w_row, w_col, neg_row, neg_col, dq, dp, ds,
-                                     symmetric)
-        return dq.to(q.dtype), dp.to(p.dtype), ds.to(logit_scale.dtype), None, None, None, None
+            dq, dp, ds = _grads_from_stats(bwd, q, p, logit_scale, grad, labels, row_groups, col_groups, x_pos,
+                                           z_row, z_col, ctx.symmetric)
+        return dq, dp, ds, None, None, None, None
 
 
 # ---- custom ops torch.ops.ville_kernels.infonce_fwd / infonce_bwd (CPU: csrc; CUDA: the launchers above) ------------
@@ -568,33 +582,16 @@ def _infonce_fwd_cuda(q, p, logit_scale, labels, row_groups, col_groups, symmetr
     """The Triton launchers above plus InfoNCEFunction.forward's closed-form positive pairs."""
     with torch.no_grad(), torch.autocast("cuda", enabled=False):
         lse_row, lse_col = _infonce_fwd(q, p, logit_scale, labels, row_groups, col_groups, symmetric)
-        x_pos = logit_scale.to(torch.float32) * _positive_dots(q, p, labels)
-        z_row = lse_row - x_pos
-        loss = F.softplus(z_row).mean()
-        z_col = x_pos.new_empty((0,))
-        if symmetric:
-            z_col = lse_col[labels] - x_pos
-            loss = 0.5 * (loss + F.softplus(z_col).mean())
-    return loss, x_pos, z_row, z_col
+        loss, x_pos, z_row, z_col = _loss_from_lse(q, p, logit_scale, labels, lse_row, lse_col, symmetric)
+    return loss, x_pos, z_row, x_pos.new_empty((0,)) if z_col is None else z_col  # the schema returns a Tensor
 
 
 @torch.library.impl("ville_kernels::infonce_bwd", "CUDA", lib=lib)
 def _infonce_bwd_cuda(grad, q, p, logit_scale, labels, row_groups, col_groups, x_pos, z_row, z_col, symmetric):
     """InfoNCEFunction.backward on the Triton backward kernel, without the autograd.Function around it."""
-    N, M = q.shape[0], p.shape[0]
-    w_row = 0.5 / N if symmetric else 1.0 / N
-    w_col = 0.5 / N if symmetric else 0.0
     with torch.no_grad(), torch.autocast("cuda", enabled=False):
-        lse_row = x_pos + F.softplus(z_row)
-        lse_col = None
-        if symmetric:
-            lse_col = torch.full((M,), float("inf"), dtype=torch.float32, device=q.device)
-            lse_col[labels] = x_pos + F.softplus(z_col)
-        dq, dp, ds, neg_row, neg_col = _infonce_bwd(q, p, logit_scale, grad, labels, row_groups, col_groups,
-                                                    lse_row, lse_col, w_row, w_col, symmetric)
-        ds = _add_positive_grads(q, p, logit_scale, grad, labels, w_row, w_col, neg_row, neg_col, dq, dp, ds,
-                                 symmetric)
-    return dq.to(q.dtype), dp.to(p.dtype), ds.to(logit_scale.dtype)
+        return _grads_from_stats(_infonce_bwd, q, p, logit_scale, grad, labels, row_groups, col_groups, x_pos,
+                                 z_row, z_col, symmetric)
 
 
 def _infonce_setup_context(ctx, inputs, output):
