@@ -1,6 +1,6 @@
 """Convert a real dataset's annotations and local videos into ville shards (schema: data_tools/SCHEMA.md).
 
-    python -m data_tools.convert FORMAT --annotations PATH --videos DIR --out OUTDIR \
+    python -m data_tools.convert FORMAT --annotations PATH [PATH ...] --videos DIR --out OUTDIR \
         [--split NAME] [--split-csv PATH] [--workers N] [--shard-size Z] [--keep-container]
 
 FORMAT is one of msrvtt, msrvtt_qa, webvid, webvid_covr, didemo, activitynet, charades_sta, qvhighlights, longcap.
@@ -82,6 +82,9 @@ def _sample(rec: Record, paths: dict[str, Path], keep_container: bool) -> dict:
     if rec.probe_duration and "duration" not in meta:
         duration = probe_duration(next(iter(paths.values())))
         if duration is not None:
+            if rec.max_duration is not None and duration > rec.max_duration:
+                duration = rec.max_duration
+                meta["duration_capped"] = True  # the file runs longer; only its first max_duration s are annotated
             meta["duration"] = round(duration, 3)
             _clip_to_duration(meta)
     sample["json"] = meta
@@ -159,8 +162,14 @@ def convert(fmt: str, annotations, videos, out, *, split: str | None = None, wor
     videos, out = Path(videos), Path(out)
     if not videos.is_dir():
         raise FileNotFoundError(f"--videos {videos} is not a folder")
+    if isinstance(annotations, (list, tuple)):
+        if len(annotations) > 1 and fmt != "msrvtt":
+            raise ValueError(f"{fmt} takes one --annotations file, got {len(annotations)}: "
+                             f"{', '.join(map(str, annotations))}")
+        annotations = list(annotations) if len(annotations) > 1 else annotations[0]
     outputs = FORMATS[fmt](annotations, split=split, **options)
-    info = {"format": fmt, "annotations": str(annotations), "videos": str(videos)}
+    info = {"format": fmt, "annotations": str(annotations) if not isinstance(annotations, list) else
+            [str(a) for a in annotations], "videos": str(videos)}
     return [write_output(o, videos, out, shard_size=shard_size, workers=workers, keep_container=keep_container,
                          progress=progress, info=info) for o in outputs]
 
@@ -170,7 +179,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     p = argparse.ArgumentParser(prog="python -m data_tools.convert", description=__doc__.split("\n\n")[0])
     p.add_argument("format", choices=sorted(FORMATS))
-    p.add_argument("--annotations", required=True, help="the official annotation file (json, jsonl, csv or txt)")
+    p.add_argument("--annotations", required=True, nargs="+",
+                   help="the official annotation file (json, jsonl, csv or txt); msrvtt takes several json files "
+                        "(train_val_videodatainfo.json test_videodatainfo.json)")
     p.add_argument("--videos", required=True, help="local folder holding the videos")
     p.add_argument("--out", required=True, help="output folder; shards go to OUT/<split>/")
     p.add_argument("--split", default=None, help="split name (and, for msrvtt, the json split to select)")

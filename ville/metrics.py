@@ -3,7 +3,14 @@
 Retrieval. A query's rank is the rank of its best-ranked correct item, 1-based. Ties are broken pessimistically by
 default: every incorrect item scoring >= the best correct score is ranked ahead of it (a tie counts against the
 query), so a constant similarity matrix gives rank = gallery size, never a free R@1. `ties="optimistic"` counts only
-strictly higher scores (an upper bound; the gap between the two shows how much ties matter). Recalls are percentages.
+strictly higher scores (an upper bound; the gap between the two shows how much ties matter). CLIP4Clip's
+`compute_metrics` does neither: a query whose correct score ties k other items counts once at each of the k + 1
+tied positions. Recalls are percentages. MdR is numpy's median (the mean of the two middle ranks for an even count);
+CLIP4Clip's multi-sentence T2V takes `torch.median`, the lower middle rank (`lower_median`).
+Video-to-text with several captions per video has two protocols: every text of the split is ranked and a video's
+rank is that of its best-ranked caption (`retrieval_ranks` with several positives), or, as CLIP4Clip's
+multi-sentence evaluation, each video's captions are first reduced to their maximum score and those per-video
+maxima are ranked (`per_video_max`). R@1 agrees; R@5 and beyond and the ranks do not.
 
 Moment retrieval follows the QVHighlights / Moment-DETR standalone evaluation (`standalone_eval/eval.py`), rewritten
 here from its definitions:
@@ -18,11 +25,23 @@ here from its definitions:
   precision/recall curve (precision made monotone from the right, summed over the recall steps), recall relative to
   the number of GT windows. mAP@t is the mean AP over queries; "average" is the mean over t in 0.5:0.05:0.95 (the
   thresholds are rounded to two decimals, as the official code does). It is not the COCO 101-point interpolation.
+- R1@t counts IoU >= t, as Moment-DETR does; 2D-TAN-style code counts IoU > t (they differ only at exact ties).
 - Temporal NMS (`temporal_nms`): highest score first; a later window is suppressed when its IoU with a kept window
   is > the threshold (strictly greater, as in Moment-DETR's post-processing).
+
+DiDeMo moments follow DiDeMo's own evaluation (LocalizingMoments `utils/eval.py`), not the rule above: a video has
+21 possible moments, the segment pairs (s, e), 0 <= s <= e <= 5, of its six 5-second chunks, and a query is answered
+by a ranking of all 21. Each of the query's annotators (4; 26 of the 8,201 val/test queries have 5 or 7) gave one
+pair. IoU is taken on the inclusive segment indices
+(|overlap| / |hull| in chunks, which is the seconds IoU of unclipped segments). Per query: its IoU is the mean of the
+3 largest IoUs of the top-ranked segment with the annotators' pairs, its rank the mean of the 3 smallest ranks of the
+annotators' pairs in the ranking (so the worst-agreeing annotator is dropped). Rank@k is the percentage of queries
+whose mean rank is <= k (Rank@1 needs 3 annotators to agree with the top-1 exactly), mIoU the mean IoU.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import re
 import string
@@ -83,6 +102,21 @@ def chance_recall(gallery_size: int, num_positives: Sequence[int] | np.ndarray, 
         miss = np.array([math.comb(gallery_size - int(mi), kk) / math.comb(gallery_size, kk) for mi in m])
         out[f"R@{k}"] = float(100.0 * np.mean(1.0 - miss))
     return out
+
+
+def per_video_max(scores: torch.Tensor | np.ndarray, owner: Sequence[int], num_videos: int) -> torch.Tensor:
+    """CLIP4Clip's multi-sentence V2T scores: scores (T, V) text-video -> (V, V) where [i, j] is the maximum score of
+    video j's captions for video i (-inf where video j has none). Rank row i with positive j = i."""
+    s = torch.as_tensor(scores).double()
+    owner_t = torch.as_tensor(list(owner), dtype=torch.long)
+    out = torch.full((s.shape[1], num_videos), -math.inf, dtype=torch.float64)
+    return out.scatter_reduce(1, owner_t[None].expand(s.shape[1], -1), s.T, reduce="amax")
+
+
+def lower_median(ranks: Sequence[int] | np.ndarray) -> float:
+    """The lower of the two middle values for an even count (`torch.median`), the middle one for an odd count."""
+    r = np.sort(np.asarray(ranks, dtype=np.float64))
+    return float(r[(len(r) - 1) // 2])
 
 
 def dual_softmax(scores: torch.Tensor, scale: float) -> torch.Tensor:
@@ -213,6 +247,82 @@ def random_window_baseline(candidates: Sequence[np.ndarray], ground_truths: Sequ
     out = {f"R1@{t:g}": float(100.0 * np.mean([np.mean(b >= t) for b in best])) for t in thresholds}
     out["mIoU"] = float(100.0 * np.mean([b.mean() for b in best]))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------- DiDeMo
+DIDEMO_SEGMENTS = tuple((s, e) for s in range(6) for e in range(s, 6))  # the 21 possible moments, index pairs
+
+
+def didemo_iou(a: Sequence[int], b: Sequence[int]) -> float:
+    """IoU of two inclusive segment-index pairs, as DiDeMo's eval: overlap / hull, in chunks."""
+    inter = max(0, min(a[1], b[1]) + 1 - max(a[0], b[0]))
+    return inter / (max(a[1], b[1]) + 1 - min(a[0], b[0]))
+
+
+def didemo_query(ranking: Sequence[Sequence[int]], times: Sequence[Sequence[int]]) -> tuple[float, float]:
+    """(mean of the 3 best ranks, mean of the 3 best IoUs) of one query. ranking: the 21 segment pairs, best first;
+    times: the annotators' pairs."""
+    order = {tuple(int(x) for x in seg): r for r, seg in enumerate(ranking, 1)}
+    gts = [tuple(int(x) for x in t) for t in times]
+    missing = [t for t in gts if t not in order]
+    if missing or not gts:
+        raise ValueError(f"annotated segment(s) {missing or times} not in the ranking {list(ranking)}")
+    ranks = sorted(order[t] for t in gts)[:3]
+    ious = sorted((didemo_iou(ranking[0], t) for t in gts), reverse=True)[:3]
+    return float(np.mean(ranks)), float(np.mean(ious))
+
+
+def didemo_metrics(rankings: Sequence[Sequence[Sequence[int]]], times: Sequence[Sequence[Sequence[int]]]) -> dict:
+    """{"Rank@1": %, "Rank@5": %, "mIoU": %, "n"} by DiDeMo's rule (module docstring)."""
+    if len(rankings) != len(times) or not rankings:
+        raise ValueError(f"{len(rankings)} rankings for {len(times)} queries")
+    ranks, ious = np.array([didemo_query(r, t) for r, t in zip(rankings, times)]).T
+    return {"Rank@1": float(100 * np.mean(ranks <= 1)), "Rank@5": float(100 * np.mean(ranks <= 5)),
+            "mIoU": float(100 * np.mean(ious)), "n": len(ranks)}
+
+
+@functools.lru_cache(maxsize=None)
+def _random_rank_hits(num_valid: int, free: tuple, fixed: tuple) -> tuple[float, float]:
+    """Exact (P(Rank@1), P(Rank@5)) when `num_valid` segments are ranked in a uniformly random order: `free` holds the
+    annotator counts of the annotated valid segments, `fixed` (rank, count) pairs of annotated segments placed after
+    the valid ones. Only the 3 best ranks count, so every random order is classified by which free segments come
+    first (m = min(3, len(free)) of them, in order) and at which positions; the other free segments fill positions
+    after those in perm(num_valid - last position, len(free) - m) ways."""
+    n, d = num_valid, len(free)
+    m = min(d, 3)
+    tail = np.repeat(np.array([r for r, _ in fixed], dtype=np.int64), [c for _, c in fixed])
+    pos = np.array(list(itertools.combinations(range(1, n + 1), m)), dtype=np.int64).reshape(-1, m)
+    last = pos[:, -1] if m else np.zeros(len(pos), dtype=np.int64)
+    ways = np.array([math.perm(n - x, d - m) for x in range(n + 1)], dtype=np.float64)[last]
+    hit1 = hit5 = 0.0
+    for first in itertools.permutations(range(d), m):
+        ranks = np.concatenate([np.repeat(pos, [free[i] for i in first], axis=1),
+                                np.broadcast_to(tail, (len(pos), len(tail)))], 1)
+        mean = np.sort(ranks, axis=1)[:, :3].mean(1)
+        hit1 += float(ways[mean <= 1].sum())
+        hit5 += float(ways[mean <= 5].sum())
+    total = math.perm(n, d)
+    return hit1 / total, hit5 / total
+
+
+def didemo_random_ranking(valid: Sequence[Sequence[Sequence[int]]], times: Sequence[Sequence[Sequence[int]]]) -> dict:
+    """Expected DiDeMo Rank@1 / Rank@5 / mIoU (%) when each query's valid segments (those inside its video) are
+    ranked uniformly at random and the others follow in index order; exact."""
+    rows = []
+    for v, t in zip(valid, times):
+        v = {tuple(int(x) for x in s) for s in v}
+        t = [tuple(int(x) for x in s) for s in t]
+        if not v:
+            raise ValueError("a query has no valid segment")
+        rest = [s for s in DIDEMO_SEGMENTS if s not in v]
+        counts = {s: t.count(s) for s in set(t)}
+        free = tuple(sorted(c for s, c in counts.items() if s in v))
+        fixed = tuple(sorted((len(v) + 1 + rest.index(s), c) for s, c in counts.items() if s not in v))
+        r1, r5 = _random_rank_hits(len(v), free, fixed)
+        iou = np.mean([np.mean(sorted((didemo_iou(top, g) for g in t), reverse=True)[:3]) for top in v])
+        rows.append((r1, r5, iou))
+    r1, r5, iou = np.array(rows).T
+    return {"Rank@1": float(100 * r1.mean()), "Rank@5": float(100 * r5.mean()), "mIoU": float(100 * iou.mean())}
 
 
 # --------------------------------------------------------------------------------------------------------------- QA

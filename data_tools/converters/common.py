@@ -9,7 +9,9 @@ from pathlib import Path
 from data_tools.shards import safe_key
 
 # Extensions tried, in order, when an annotation names a video without one (or with one that is not on disk).
-VIDEO_EXTS = [".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".3gp"]
+# DiDeMo's Flickr videos add .wmv, .mts, .m2ts and .3g2 (and names that end in a bare ".").
+VIDEO_EXTS = [".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".3gp", ".wmv", ".mts",
+              ".m2ts", ".3g2"]
 # ISO-BMFF family: copied byte for byte under `.mp4` (one demuxer reads them all); everything else is transcoded.
 MP4_FAMILY = {".mp4", ".m4v", ".mov"}
 
@@ -22,6 +24,7 @@ class Record:
     meta: dict
     videos: dict[str, list[str]]
     probe_duration: bool = False  # the annotations lack the duration: read it from the video's header
+    max_duration: float | None = None  # the annotated span (DiDeMo: 30 s): a longer probed duration is capped to it
 
 
 @dataclass

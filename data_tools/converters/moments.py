@@ -9,6 +9,7 @@ from data_tools.converters.common import (Output, Record, group_in_order, key_of
                                           read_jsonl)
 
 DIDEMO_SEGMENT = 5.0  # seconds per DiDeMo segment; a video has at most 6 (30 s)
+DIDEMO_SPAN = 30.0  # only a video's first 30 s were annotated
 
 
 def _name(split, annotations, strip=("_data", "_release")) -> str:
@@ -26,11 +27,22 @@ def didemo_seconds(times) -> list[float]:
     return [s * DIDEMO_SEGMENT, (e + 1) * DIDEMO_SEGMENT]
 
 
+def didemo_stem(video: str) -> str:
+    """The video name without its extension, whatever it is: the release names files `….mov`, `….wmv`, `….mts`,
+    `….3g2`, `….m2ts` or `….` (a bare dot), and re-encoded copies are usually `<stem>.mp4`. Flickr-based names
+    hold no other dot."""
+    head, dot, tail = video.rpartition(".")
+    return head if dot and head and "/" not in tail and len(tail) <= 5 else video
+
+
 def parse_didemo(annotations, split: str | None = None, **_) -> list[Output]:
     """DiDeMo `{train,val,test}_data.json`: a list of {annotation_id, description, video, times: [[s, e] × 4
     annotators], …}. An event's start/end is the most-agreed annotation (most frequent [s, e], earliest-listed on
-    ties); all annotations go to `windows`. The paragraph (descriptions in file order) is `caption`, as in the
-    standard paragraph-to-video retrieval protocol. Durations are probed; ends are clipped to them."""
+    ties); all annotations go to `windows` (seconds) and, as given, to `times` (segment indices: DiDeMo's own
+    evaluation rule uses them). The paragraph (descriptions in file order) is `caption` (`caption_source`
+    "paragraph"), as in the standard paragraph-to-video retrieval protocol. Videos are looked up by their name, then
+    by its stem with any video extension; the key is the stem. Durations are probed and capped at the annotated
+    30 s; ends are clipped to them."""
     name = _name(split, annotations)
     out = Output(name)
     for video, items in group_in_order(read_json(annotations), lambda a: a["video"]).items():
@@ -39,15 +51,17 @@ def parse_didemo(annotations, split: str | None = None, **_) -> list[Output]:
             times = [tuple(int(x) for x in t) for t in a["times"]]
             best = Counter(times).most_common(1)[0][0]  # most_common is stable: earliest-listed wins ties
             s, e = didemo_seconds(best)
-            extra = {"windows": [didemo_seconds(t) for t in times]}
+            extra = {"windows": [didemo_seconds(t) for t in times], "times": [sorted(t) for t in times]}
             if "annotation_id" in a:
                 extra["annotation_id"] = a["annotation_id"]
             events.append(make_event(s, e, a["description"], **extra))
             texts.append(a["description"].strip())
-        key = key_of(video)
+        stem = didemo_stem(video)
+        key = key_of(stem)
         meta = {"key": key, "video_id": video, "split": name, "caption": " ".join(texts), "captions": texts,
-                "events": events}
-        out.records.append(Record(key, meta, {"mp4": [video]}, probe_duration=True))
+                "caption_source": "paragraph", "events": events}
+        out.records.append(Record(key, meta, {"mp4": [video, stem]}, probe_duration=True,
+                                  max_duration=DIDEMO_SPAN))
     return [out]
 
 
@@ -62,7 +76,7 @@ def parse_activitynet(annotations, split: str | None = None, **_) -> list[Output
         events = [make_event(s, e, text, duration) for (s, e), text in zip(ann["timestamps"], sentences)]
         key = key_of(vid)
         meta = {"key": key, "video_id": vid, "split": name, "duration": duration, "caption": " ".join(sentences),
-                "captions": sentences, "events": events}
+                "captions": sentences, "caption_source": "paragraph", "events": events}
         candidates = [vid] + ([vid[2:]] if vid.startswith("v_") else [])
         out.records.append(Record(key, meta, {"mp4": candidates}))
     return [out]

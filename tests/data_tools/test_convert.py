@@ -129,6 +129,49 @@ def test_msrvtt_1k_a_test_and_json_splits(msrvtt, tmp_path):
     assert _json(_read(tmp_path / "c", "test")["video7010"])["caption"] == "a group of people dancing on stage"
 
 
+def _videodatainfo(split_videos: dict[str, str], sentences: list[tuple[str, str]]) -> dict:
+    """The official MSR-VTT 2016 layout (train_val_videodatainfo.json / test_videodatainfo.json)."""
+    return {"info": {"contributor": "Microsoft MSR-VTT", "year": "2016"},
+            "videos": [{"category": 1, "url": "u", "video_id": v, "start time": 0.0, "end time": 10.0, "split": sp,
+                        "id": int(v[5:])} for v, sp in split_videos.items()],
+            "sentences": [{"caption": c, "video_id": v, "sen_id": i} for i, (v, c) in enumerate(sentences)]}
+
+
+def test_msrvtt_official_jsons_1k_a_and_all_captions(tmp_path):
+    """1k-A test videos are in the official test split: with train_val + test videodatainfo, `caption` is the
+    JSFUSION csv sentence (labelled msrvtt_1k_a) and `captions` the test json's sentences; with train_val alone
+    they keep only the csv sentence, and a warning says how to get the rest."""
+    videos = tmp_path / "videos"
+    for v in ("video0", "video7010", "video7020"):
+        _video(videos / f"{v}.mp4")
+    (tmp_path / "train_val_videodatainfo.json").write_text(json.dumps(_videodatainfo(
+        {"video0": "train"}, [("video0", "a car is shown")])))
+    (tmp_path / "test_videodatainfo.json").write_text(json.dumps(_videodatainfo(
+        {"video7010": "test", "video7020": "test"},
+        [("video7010", "people dance"), ("video7020", "a cat sleeps"), ("video7010", "a group dancing")])))
+    (tmp_path / "MSRVTT_JSFUSION_test.csv").write_text(
+        ",key,vid_key,video_id,sentence\n0,ret0,msr7010,video7010,a group dancing\n"
+        "1,ret1,msr7020,video7020,a cat sleeps\n")
+    both = [tmp_path / "train_val_videodatainfo.json", tmp_path / "test_videodatainfo.json"]
+    argv = ["msrvtt", "--annotations", *map(str, both), "--split-csv", str(tmp_path / "MSRVTT_JSFUSION_test.csv"),
+            "--videos", str(videos), "--out", str(tmp_path / "a"), "--workers", "1", "--no-progress"]
+    (meta,) = convert.main(argv)
+    m = _json(_read(tmp_path / "a", "test")["video7010"])
+    assert (m["caption"], m["caption_source"]) == ("a group dancing", "msrvtt_1k_a")
+    assert m["captions"] == ["people dance", "a group dancing"] and meta["annotations"] == list(map(str, both))
+    with pytest.warns(UserWarning, match="2 of 2 .* no sentence .* test_videodatainfo.json"):
+        convert.convert("msrvtt", both[:1], videos, tmp_path / "b", progress=False,
+                        split_csv=tmp_path / "MSRVTT_JSFUSION_test.csv")
+    m = _json(_read(tmp_path / "b", "test")["video7010"])
+    assert m["caption"] == "a group dancing" and m["captions"] == ["a group dancing"]
+    # The json's own splits: the first sentence, labelled.
+    metas = _convert("msrvtt", both, videos, tmp_path / "c", missing=0)
+    assert [x["split"] for x in metas] == ["train", "test"]
+    assert _json(_read(tmp_path / "c", "train")["video0"])["caption_source"] == "first_caption"
+    with pytest.raises(ValueError, match="didemo takes one --annotations file, got 2"):
+        convert.convert("didemo", both, videos, tmp_path / "d")
+
+
 def test_msrvtt_qa(tmp_path):
     videos = tmp_path / "videos"
     _video(videos / "video6513.mp4")
@@ -218,6 +261,32 @@ def test_didemo_segments_most_agreed_and_clipped(tmp_path):
     _check_events(m)
     # .mov is the mp4 family: stored as .mp4, byte for byte.
     assert samples[key]["mp4"] == (videos / "54445727@N00_2470306736_4b8c5b9e3b.mov").read_bytes()
+
+
+def test_didemo_stem_matching_and_30s_cap(tmp_path):
+    """The release names videos with .wmv, .mts, .3g2, .m2ts and a bare '.' (38 of 1,094 val, 78 of 1,037 test
+    videos); re-encoded copies are `<stem>.mp4`. A video longer than the annotated 30 s gets duration 30."""
+    videos = tmp_path / "videos"
+    names = ["1@N00_1_a.wmv", "2@N01_2_b.mts", "3@N02_3_c.3g2", "4@N03_4_d.m2ts", "5@N04_5_e."]
+    for n in names:
+        _video(videos / (n.rsplit(".", 1)[0] + ".mp4"), frames=4, fps=1)
+    _video(videos / "6@N05_6_f.mp4", frames=36, fps=1)  # 36 s on disk
+    items = [{"annotation_id": i, "description": f"thing {i}", "video": n, "times": [[0, 0]] * 4, "dl_link": "x",
+              "num_segments": 1} for i, n in enumerate(names)]
+    items.append({"annotation_id": 9, "description": "the end", "video": "6@N05_6_f.avi",
+                  "times": [[5, 5], [4, 5], [5, 5], [5, 5]], "dl_link": "x", "num_segments": 6})
+    (tmp_path / "val_data.json").write_text(json.dumps(items))
+    (meta,) = _convert("didemo", tmp_path / "val_data.json", videos, tmp_path / "out", missing=0)
+    samples = _read(tmp_path / "out", "val")
+    assert meta["count"] == 6 and sorted(samples) == ["1_N00_1_a", "2_N01_2_b", "3_N02_3_c", "4_N03_4_d",
+                                                      "5_N04_5_e", "6_N05_6_f"]
+    assert _json(samples["5_N04_5_e"])["video_id"] == "5@N04_5_e."
+    m = _json(samples["6_N05_6_f"])
+    assert m["duration"] == 30.0 and m["duration_capped"] is True
+    ev = m["events"][0]
+    assert (ev["start"], ev["end"]) == (25.0, 30.0) and ev["windows"][1] == [20.0, 30.0]
+    assert ev["times"] == [[5, 5], [4, 5], [5, 5], [5, 5]]  # as released, for DiDeMo's own rule
+    assert m["caption_source"] == "paragraph" and "duration_capped" not in _json(samples["1_N00_1_a"])
 
 
 def test_activitynet(tmp_path):

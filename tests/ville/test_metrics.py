@@ -1,4 +1,5 @@
 """ville.metrics on hand-computed fixtures (the expected numbers are worked out in the comments)."""
+import itertools
 import math
 
 import numpy as np
@@ -42,6 +43,24 @@ def test_rank_input_checks():
         M.retrieval_ranks(torch.zeros(2, 2), torch.tensor([[True, False], [False, False]]))
     with pytest.raises(ValueError, match="ties"):
         M.retrieval_ranks(torch.zeros(1, 2), torch.tensor([[True, False]]), ties="random")
+
+
+def test_v2t_multi_caption_protocols():
+    """The issue's case: video A has one caption, video B five, all five scoring higher for A than A's own. Ranked
+    among all texts A's caption comes 6th; among CLIP4Clip's per-video maxima (A's max vs B's max) 2nd."""
+    owner = [0, 1, 1, 1, 1, 1]
+    scores = torch.tensor([[0.1, 0.0],  # text 0, A's caption: 0.1 with A
+                           [0.5, 0.9], [0.4, 0.8], [0.3, 0.7], [0.2, 0.6], [0.15, 0.5]])  # B's captions
+    pos = torch.nn.functional.one_hot(torch.tensor(owner), 2).bool()
+    assert M.retrieval_ranks(scores.T, pos.T).tolist() == [6, 1]
+    maxima = M.per_video_max(scores, owner, 2)  # [i, j]: best caption of video j for video i
+    torch.testing.assert_close(maxima, torch.tensor([[0.1, 0.5], [0.0, 0.9]], dtype=torch.float64))
+    assert M.retrieval_ranks(maxima, torch.eye(2, dtype=torch.bool)).tolist() == [2, 1]
+    # A video without captions is -inf in every column it owns.
+    assert M.per_video_max(scores, owner, 3)[:, 2].tolist() == [-math.inf] * 2
+    # Medians of 1, 2, 6, 7: numpy 4 (mean of the middle two), torch.median / lower_median 2.
+    assert M.recall_metrics([7, 1, 6, 2])["MdR"] == 4.0 and M.lower_median([7, 1, 6, 2]) == 2.0
+    assert M.lower_median([3, 1, 2]) == 2.0 == float(torch.median(torch.tensor([7, 1, 6, 2])))
 
 
 def test_chance_recall_exact():
@@ -171,6 +190,84 @@ def test_random_window_baseline():
     assert r["R1@0.5"] == pytest.approx(100 * (2 / 3 + 1) / 2)
     assert r["R1@0.7"] == pytest.approx(100 * (1 / 3 + 2 / 3) / 2)
     assert r["mIoU"] == pytest.approx(100 * (0.5 + 2.5 / 3) / 2)
+
+
+# ---------------------------------------------------------------------------------------------------------- DiDeMo
+def _ranking(*first):
+    """The 21 DiDeMo segments with `first` on top, the rest in index order."""
+    return list(first) + [s for s in M.DIDEMO_SEGMENTS if s not in first]
+
+
+def test_didemo_segments_and_iou():
+    assert len(M.DIDEMO_SEGMENTS) == 21 and M.DIDEMO_SEGMENTS[0] == (0, 0) and M.DIDEMO_SEGMENTS[-1] == (5, 5)
+    # Inclusive indices: (0, 1) and (1, 2) share chunk 1 of the 3 they span; that is the seconds IoU of [0,10], [5,15].
+    assert M.didemo_iou((0, 1), (1, 2)) == pytest.approx(1 / 3)
+    assert M.didemo_iou((0, 1), (1, 2)) == pytest.approx(M.temporal_iou([[0, 10]], [[5, 15]])[0, 0])
+    assert M.didemo_iou((0, 0), (2, 2)) == 0 and M.didemo_iou((3, 4), (3, 4)) == 1
+
+
+def test_didemo_rule_by_hand():
+    # The issue's example. times (2,2), (2,3), (4,5), (2,3); top-1 (4,5).
+    #   IoUs with the top-1: 0, 0, 1, 0 -> best three 1, 0, 0 -> 1/3.
+    #   Ranks in _ranking((4,5)): (4,5) 1; in index order after it (2,2) is 13th, (2,3) 14th -> best three 1, 13, 14
+    #   -> mean 28/3 > 5: neither Rank@1 nor Rank@5.
+    times = [[2, 2], [2, 3], [4, 5], [2, 3]]
+    assert M.didemo_query(_ranking((4, 5)), times) == pytest.approx((28 / 3, 1 / 3))
+    r = M.didemo_metrics([_ranking((4, 5))], [times])
+    assert (r["Rank@1"], r["Rank@5"], r["mIoU"], r["n"]) == (0.0, 0.0, pytest.approx(100 / 3), 1)
+    # The QVHighlights rule on the same windows takes the best one: R1 100, mIoU 100 (what ville reported before).
+    seconds = np.array([[5 * s, 5 * (e + 1)] for s, e in times])
+    qvh = M.moment_r1(np.array([[20.0, 30.0]]), [seconds])
+    assert qvh["R1@0.5"] == 100 and qvh["mIoU"] == 100
+    # ... and its AP counts the 4 annotations (alternatives for one moment) as 4 moments to find: a top-1 matching one
+    # reaches recall 1/4, AP 25 % (also when all 4 coincide); the reason DiDeMo reports no mAP.
+    assert M.query_average_precision(np.array([[20.0, 30.0, 1.0]]), seconds)[0] == pytest.approx(0.25)
+    # Same annotations, top three (4,5), (2,3), (2,2): annotator ranks 3, 2, 1, 2 -> best three 1, 2, 2 -> 5/3:
+    # Rank@5 but not Rank@1. Three annotators agreeing on the top-1: ranks 1, 1, 1 -> Rank@1; IoUs 1, 1, 1, and
+    # (0,1) vs (1,1) 1/2 -> 1. Two agreeing: (0,0) x2 first, (3,3) second -> 1, 1, 2 -> 4/3; IoUs 1, 1, 0 -> 2/3.
+    queries = [(_ranking((4, 5), (2, 3), (2, 2)), times),
+               (_ranking((1, 1)), [[1, 1], [1, 1], [1, 1], [0, 1]]),
+               (_ranking((0, 0), (3, 3)), [[0, 0], [0, 0], [3, 3], [5, 5]])]
+    assert [M.didemo_query(*q) for q in queries] == [pytest.approx(x) for x in [(5 / 3, 1 / 3), (1, 1),
+                                                                                   (4 / 3, 2 / 3)]]
+    r = M.didemo_metrics(*zip(*queries))
+    assert r["Rank@1"] == pytest.approx(100 / 3) and r["Rank@5"] == 100
+    assert r["mIoU"] == pytest.approx(100 * (1 / 3 + 1 + 2 / 3) / 3)
+    # Seven annotators (as in 26 released queries): still the best three.
+    assert M.didemo_query(_ranking((4, 4)), [[4, 4], [4, 4], [0, 0], [4, 4], [0, 0], [0, 0], [4, 4]]) == (1, 1)
+    with pytest.raises(ValueError, match=r"annotated segment\(s\) \[\(6, 6\)\] not in the ranking"):
+        M.didemo_query(_ranking(), [[6, 6]])
+
+
+def test_didemo_random_ranking_exact_and_simulated():
+    # Hand: three annotators on (1,1) and a uniformly random top-1 among 21: Rank@1 = 1/21.
+    times = [[1, 1], [1, 1], [1, 1], [0, 1]]
+    assert M.didemo_random_ranking([M.DIDEMO_SEGMENTS], [times])["Rank@1"] == pytest.approx(100 / 21)
+    # A 12-second video: the 15 segments starting before 12 s are valid; (5,5) lies outside, ranked after them.
+    valid = [s for s in M.DIDEMO_SEGMENTS if s[0] <= 2]
+    cases = [(valid, [[0, 0], [0, 1], [0, 0], [2, 5]]), (valid, [[1, 1], [1, 1], [5, 5], [2, 2]]),
+             (M.DIDEMO_SEGMENTS, [[2, 2], [2, 3], [4, 5], [2, 3]])]
+    exact = M.didemo_random_ranking(*zip(*cases))
+    # A 5-second video: 6 valid segments (s = 0), so all 720 orders can be scored by the rule itself.
+    short, t = [x for x in M.DIDEMO_SEGMENTS if x[0] == 0], [[0, 0], [0, 1], [0, 0], [2, 3]]
+    after = [x for x in M.DIDEMO_SEGMENTS if x not in short]
+    every = np.array([M.didemo_query(list(p) + after, t) for p in itertools.permutations(short)])
+    full = M.didemo_random_ranking([short], [t])
+    assert full["Rank@5"] == pytest.approx(100 * np.mean(every[:, 0] <= 5))
+    assert full["Rank@1"] == pytest.approx(100 * np.mean(every[:, 0] <= 1)) == 0  # no segment chosen 3 times
+    assert full["mIoU"] == pytest.approx(100 * np.mean(every[:, 1]))
+    rng = np.random.default_rng(0)
+    sims = []
+    for v, t in cases:
+        out = []
+        for _ in range(4000):
+            ranking = [v[i] for i in rng.permutation(len(v))] + [s for s in M.DIDEMO_SEGMENTS if s not in v]
+            rank, iou = M.didemo_query(ranking, t)
+            out.append((rank <= 1, rank <= 5, iou))
+        sims.append(np.mean(out, 0))
+    sim = 100 * np.mean(sims, 0)
+    assert exact["Rank@1"] == pytest.approx(sim[0], abs=1.5)
+    assert exact["Rank@5"] == pytest.approx(sim[1], abs=2.5) and exact["mIoU"] == pytest.approx(sim[2], abs=1.5)
 
 
 # --------------------------------------------------------------------------------------------------------------- QA

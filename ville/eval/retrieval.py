@@ -1,9 +1,11 @@
 """Text-video retrieval and its re-ranking.
 
-`retrieval`: zero-shot cosine similarity of L2-normalised embeddings, T2V and V2T, ties pessimistic; one query per
-video (its `caption`, MSR-VTT 1k-A style) and, where clips have several captions, every caption; dual-softmax
-inference only on request and labelled as such. `rerank`: single-caption T2V; stage 1 ranks the gallery by embedding
-cosine, stage 2 re-orders each query's top k by the matching head's probability (or its fusion with the cosine).
+`retrieval`: zero-shot cosine similarity of L2-normalised embeddings, T2V and V2T, ties pessimistic. One query per
+video (its `caption`, labelled by the converter's `caption_source`: the MSR-VTT 1k-A csv sentence, or DiDeMo's /
+ActivityNet's paragraph) and, where clips have several captions, every caption, with both video-to-text protocols
+(all texts ranked; CLIP4Clip's per-video maximum); dual-softmax inference only on request and labelled as such.
+`rerank`: single-caption T2V; stage 1 ranks the gallery by embedding cosine, stage 2 re-orders each query's top k by
+the matching head's probability (or its fusion with the cosine).
 """
 from __future__ import annotations
 
@@ -17,16 +19,36 @@ from .common import Cache, captions, directions, gather, my_batches, pct, progre
 from .config import KS, EvalCfg
 
 
+# What a clip's `caption` is, by the converter's `caption_source` (data_tools/SCHEMA.md).
+CAPTION_SOURCES = {
+    "paragraph": "paragraph-to-video: the video's descriptions joined in order (DiDeMo / ActivityNet Captions "
+                 "paragraph protocol)",
+    "msrvtt_1k_a": "MSR-VTT 1k-A: the video's one sentence of MSRVTT_JSFUSION_test.csv",
+    "first_caption": "the first of the video's captions",
+}
+
+
+def _caption_label(clips) -> str:
+    sources = sorted({str(m.get("caption_source", "")) for _, m in clips})
+    return "; ".join(CAPTION_SOURCES.get(x, f"caption_source {x!r}") if x else
+                     "its `caption` field (the first of `captions` when absent)" for x in sources)
+
+
 def retrieval(clips, V: torch.Tensor, temb: dict, cfg: EvalCfg, dsl_scale: float) -> dict:
-    tie = "ties pessimistic (a negative scoring >= the correct item ranks ahead of it)"
+    tie = ("ties pessimistic (a negative scoring >= the correct item ranks ahead of it; CLIP4Clip's compute_metrics "
+           "instead counts a tied query at every tied position)")
     out = {"protocol": f"zero-shot cosine similarity of L2-normalised embeddings; {tie}; R@k in %, MdR/MnR = "
-                       f"median/mean rank of the best-ranked correct item", "num_videos": len(clips)}
-    protocols = {"single_caption": ("one query per video: its `caption` field (MSR-VTT 1k-A style; the first of "
-                                    "`captions` when `caption` is absent); V2T: the video's caption is the only "
-                                    "correct text", [(i, single_caption(m)) for i, (_, m) in enumerate(clips)])}
+                       f"median (numpy: mean of the two middle ranks when even)/mean rank of the best-ranked correct "
+                       f"item", "num_videos": len(clips)}
+    protocols = {"single_caption": (f"one query per video, its caption: {_caption_label(clips)}; V2T: the video's "
+                                    f"caption is the only correct text among the videos' captions",
+                                    [(i, single_caption(m)) for i, (_, m) in enumerate(clips)])}
     if any(len(captions(m)) > 1 for _, m in clips):
-        protocols["all_captions"] = ("every caption in `captions` is a T2V query with its video as the answer; V2T: "
-                                     "a video is correct at the rank of its best-ranked caption",
+        protocols["all_captions"] = ("every caption in `captions` is a T2V query with its video as the answer "
+                                     "(MdR_lower: the lower middle rank, CLIP4Clip's torch.median); v2t: each video "
+                                     "ranks ALL texts of the split, correct at its best-ranked own caption; "
+                                     "v2t_video_max: CLIP4Clip's multi-sentence V2T, each video's captions reduced to "
+                                     "their maximum score and the per-video maxima ranked (one item per video)",
                                      [(i, c) for i, (_, m) in enumerate(clips) for c in captions(m)])
     for name, (text, pairs) in protocols.items():
         pairs = [(i, c) for i, c in pairs if c]
@@ -36,6 +58,14 @@ def retrieval(clips, V: torch.Tensor, temb: dict, cfg: EvalCfg, dsl_scale: float
         S = T @ V.T
         owner = [i for i, _ in pairs]
         out[name] = {"protocol": text, "num_texts": len(pairs), **directions(S, owner, len(clips))}
+        if name == "all_captions":
+            out[name]["t2v"]["MdR_lower"] = M.lower_median(M.retrieval_ranks(
+                S, torch.nn.functional.one_hot(torch.tensor(owner), len(clips)).bool()))
+            has = sorted(set(owner))  # videos with a caption: the per-video maxima gallery
+            video_max = M.per_video_max(S, owner, len(clips))[has][:, has]
+            ranks = M.retrieval_ranks(video_max, torch.eye(len(has), dtype=torch.bool))
+            out[name]["v2t_video_max"] = pct(M.recall_metrics(ranks, KS))
+            out[name]["chance"]["v2t_video_max"] = pct(M.chance_recall(len(has), np.ones(len(has)), KS))
         if cfg.dual_softmax:
             dsl = {"t2v": M.dual_softmax(S, dsl_scale), "v2t": M.dual_softmax(S.T, dsl_scale).T}
             res_t = directions(dsl["t2v"], owner, len(clips))

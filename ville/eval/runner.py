@@ -139,14 +139,20 @@ def format_table(results: dict) -> str:
                      "" if base is None else f"{base:.2f} ({label})"))
 
     for proto, r in results.get("retrieval", {}).items():
-        for d in ("t2v", "v2t") if isinstance(r, dict) and "t2v" in r else ():
+        multi = "v2t_video_max" in r if isinstance(r, dict) else False
+        names = {"t2v": "T2V", "v2t": "V2T among all texts" if multi else "V2T",
+                 "v2t_video_max": "V2T per-video max (CLIP4Clip)"}
+        for d in [d for d in names if d in r] if isinstance(r, dict) and "t2v" in r else ():
             for k in KS:
-                add(f"retrieval/{proto}", f"{d.upper()} R@{k}", r[d][f"R@{k}"], r["chance"][d][f"R@{k}"], "chance")
-            add(f"retrieval/{proto}", f"{d.upper()} MdR", r[d]["MdR"])
+                add(f"retrieval/{proto}", f"{names[d]} R@{k}", r[d][f"R@{k}"], r["chance"][d][f"R@{k}"], "chance")
+            add(f"retrieval/{proto}", f"{names[d]} MdR", r[d]["MdR"])
     if (r := results.get("rerank", {})).get("num_queries"):
         for k in KS:
             add(f"rerank (top-{r['k']})", f"T2V R@{k}", r["stage2"][f"R@{k}"], r["stage1"][f"R@{k}"], "stage 1")
-    if (r := results.get("moment", {})).get("num_queries"):
+    if (r := results.get("moment", {})).get("num_queries") and "random_ranking" in r:
+        for m in ("Rank@1", "Rank@5", "mIoU"):
+            add("moment (DiDeMo rule)", m, r[m], r["random_ranking"][m], "random ranking")
+    elif r.get("num_queries"):
         for m in ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "mAP@0.5", "mAP@0.75", "mAP"):
             add("moment", m, r[m], r["random_window"].get(m), "random window")
     if (r := results.get("qa", {})).get("num_questions"):
