@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import signal
 import zlib
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -50,8 +51,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import DataCfg  # noqa: F401  (this stage's config; torch-free home in config.py)
-from .shards import (ClipStore, IndexedSample, SkipCounter, _ShardReader, _usable_video, expand_braces,  # noqa: F401
-                     expand_shards, iter_samples, parse_sources, read_shard_index)
+from .shards import (ClipStore, IndexedSample, NoUsableData, SkipCounter, _ShardReader, _usable_video,  # noqa: F401
+                     expand_braces, expand_shards, iter_samples, notable, parse_sources, read_shard_index)
 from .video import VideoDecodeError, decode_clip, decode_windows, sliding_windows, window_iou
 
 log = logging.getLogger(__name__)
@@ -349,10 +350,11 @@ class TrainBatches(IterableDataset):
                 skips.skip("undecodable video", plan.shard, plan.key, str(e)[:200])
                 failures[0] += 1
                 if failures[0] >= cfg.max_consecutive_failures:
-                    raise RuntimeError(f"{failures[0]} videos in a row failed to decode (task {self.task}; "
-                                       f"skipped so far: {skips.summary()})") from e
+                    raise NoUsableData(f"no usable {self.task} sample: {failures[0]} videos in a row failed to "
+                                       f"decode; skipped: {skips.report()}") from e
                 return None
 
+        redraws = 0
         try:
             for _ in range(first * size):
                 next(plans)
@@ -368,14 +370,20 @@ class TrainBatches(IterableDataset):
                             break
                 good = [i for i, e in examples.items() if e is not None]
                 if not good:
-                    log.warning("every clip of a %s batch failed to decode; drawing new ones shifts the rest of "
-                                "stream %d, so resuming past this point is no longer exact", self.task, stream)
+                    redraws += 1
+                    if notable(redraws):
+                        log.warning("every clip of a %s batch failed to decode; drawing new ones shifts the rest of "
+                                    "stream %d, so resuming past this point is no longer exact (%d such batches so "
+                                    "far)", self.task, stream, redraws)
                     continue
                 batch = collate([examples[i] if examples[i] is not None
                                  else examples[min(good, key=lambda j: (abs(j - i), j))] for i in mine],
                                 self.task, self.tokenizer)
                 batch["skipped"] = skips.drain()
                 yield batch
+        except NoUsableData as e:
+            # Raised here it would cross the DataLoader as a traceback; as a batch it reaches the main process intact.
+            yield {"error": str(e), "skipped": skips.drain()}
         finally:
             plans.close()
             reader.close()
@@ -407,11 +415,11 @@ class TrainBatches(IterableDataset):
                     plan, buffer[j] = buffer[j], plan
                 yield plan
             if failures >= cfg.max_consecutive_failures:
-                raise RuntimeError(f"no usable {self.task} sample in the last {failures} candidates; "
-                                   f"skipped so far: {skips.summary()}")
+                raise NoUsableData(f"no usable {self.task} sample in the last {failures} candidates; skipped: "
+                                   f"{skips.report()}")
             if accepted == 0 and seen >= all_shards:
-                raise RuntimeError(f"a whole pass over {len(all_shards)} shards gave no usable {self.task} "
-                                   f"sample; skipped: {skips.summary()}")
+                raise NoUsableData(f"no usable {self.task} sample in a whole pass over {len(all_shards)} shards; "
+                                   f"skipped: {skips.report()}")
 
 
 # The text each contrastive task contrasts (hard-negative groups are formed over it).
@@ -463,7 +471,7 @@ class EvalClips(IterableDataset):
         worker, num_workers = _worker()
         skips, reader = SkipCounter(keep_events=True), _ShardReader()
         # Index-level problems are seen by every worker of every rank; one of them reports them.
-        index_skips = skips if (self.rank == 0 and worker == 0) else SkipCounter()
+        index_skips = skips if (self.rank == 0 and worker == 0) else SkipCounter(warn=False)
         position, mine = 0, []
         try:
             for shard in self.shards:
@@ -510,20 +518,40 @@ def _identity(batch):
     return batch
 
 
+# Schedulers signal the whole process group (and torchrun the worker's group): the main process decides what a stop
+# signal means and shuts the workers down itself, so the workers must not die of it first.
+_IGNORED_IN_WORKERS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+def _worker_ignores_signals(worker_id: int) -> None:
+    for sig in _IGNORED_IN_WORKERS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class BatchLoader:
     """An iterable of batches from a DataLoader over a stream (batch_size None: workers yield whole batches).
-    Collects the workers' skip events in `skips` and removes them (and empty evaluation batches) from the batches."""
+    Collects the workers' skip events in `skips` and removes them (and empty evaluation batches) from the batches.
+    A stream that finds nothing usable raises NoUsableData here, in the main process. Workers ignore SIGTERM,
+    SIGINT and SIGUSR1; closing the iterator (or its end) shuts them down."""
 
     def __init__(self, dataset: IterableDataset, num_workers: int = 0, pin_memory: bool = False):
         self.dataset, self.skips = dataset, SkipCounter()
         self.dataloader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                                     collate_fn=_identity)
+                                     collate_fn=_identity,
+                                     worker_init_fn=_worker_ignores_signals if num_workers > 0 else None)
 
     def __iter__(self) -> Iterator[dict]:
-        for batch in self.dataloader:
-            self.skips.absorb(batch.pop("skipped", ()))
-            if batch["keys"]:
-                yield batch
+        batches = iter(self.dataloader)
+        try:
+            for batch in batches:
+                self.skips.absorb(batch.pop("skipped", ()))
+                if "error" in batch:
+                    raise NoUsableData(batch["error"])
+                if batch["keys"]:
+                    yield batch
+        finally:
+            # Stop and join the workers now, not whenever the iterator is garbage-collected (torch's own shutdown).
+            getattr(batches, "_shutdown_workers", lambda: None)()
 
 
 def make_train_loader(cfg: DataCfg, task: str, batch_size: int, *, rank: int = 0, world_size: int = 1,

@@ -2,6 +2,7 @@
 
     python -m ville.search INDEX "query text" [-k 5] [--model MODEL_DIR] [--rerank [--rerank-k 20]] [--json]
 
+The index is read without pickle (`ville.index.load_index`: safetensors + JSON), so a shared index cannot run code.
 The query is embedded by the model that built the index (its folder is stored in the index; `--model` points
 elsewhere, e.g. after moving it). A model whose weights differ from the index's (`ville.checkpoint.model_identity`)
 is refused: its text embeddings live in a different space, and the scores would be meaningless.
@@ -91,7 +92,7 @@ def search(index: dict, model, query: str, k: int = 5, *, rerank: bool = False, 
     with torch.no_grad():
         q = model.embed_text([query])[0].float().cpu()
         depth = max(k, rerank_k or 0) if rerank else k
-        scores, idx = topk(index["embeddings"], q, depth)
+        scores, idx = topk(torch.as_tensor(index["embeddings"]), q, depth)
         hits = [{"id": index["ids"][i], "score": float(s), "source": index["sources"][i]}
                 for s, i in zip(scores.tolist(), idx.tolist())]
         if rerank:

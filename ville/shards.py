@@ -88,26 +88,51 @@ def parse_sources(spec: Any, key: str = "train_shards") -> list[tuple[list[str],
     return sources
 
 
-class SkipCounter:
-    """Skipped samples per reason. Warns with shard + key for the first few of each reason, then at every power of
-    ten; keeps up to `max_examples` (shard, key, detail) per reason for inspection."""
+class NoUsableData(ValueError):
+    """A stream found nothing it can use; the message is one line naming the shards and the reasons."""
 
-    def __init__(self, max_examples: int = 100, keep_events: bool = False):
+
+def notable(n: int) -> bool:
+    """Warn on the 1st-5th occurrence, then on the 10th, 100th, 1000th, ... (a running count, not a flood)."""
+    return n <= 5 or str(n).rstrip("0") == "1"
+
+
+def _names(paths: Sequence[str], limit: int = 3) -> str:
+    paths = sorted(set(paths))
+    shown = ", ".join(paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+class SkipCounter:
+    """Skipped samples per reason, counted two ways: `counts` / `total` count encounters (a resampled stream meets
+    the same bad sample again on every pass), `distinct` counts different (reason, shard, key). Only a sample's
+    first encounter warns (with shard + key), for the first five of each reason and then at every power of ten,
+    with the running count; keeps up to `max_examples` (shard, key, detail) per reason for inspection."""
+
+    def __init__(self, max_examples: int = 100, keep_events: bool = False, warn: bool = True):
         self.counts: Counter[str] = Counter()
+        self.distinct_counts: Counter[str] = Counter()
         self.examples: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
-        self.max_examples = max_examples
+        self.shards: dict[str, set[str]] = defaultdict(set)
+        self.max_examples, self.warn = max_examples, warn
+        self._seen: set[tuple[str, str, str]] = set()
         self._events: list[tuple[str, str, str, str]] | None = [] if keep_events else None
 
     def skip(self, reason: str, shard: str, key: str, detail: str = "", warn: bool = True) -> None:
         self.counts[reason] += 1
-        n = self.counts[reason]
-        if len(self.examples[reason]) < self.max_examples:
-            self.examples[reason].append((shard, key, detail))
         if self._events is not None:
             self._events.append((reason, shard, key, detail))
-        if warn and (n <= 5 or str(n).rstrip("0") == "1"):
-            log.warning("skipped %s: key %r in shard %s%s (%d so far)", reason, key, shard,
-                        f": {detail}" if detail else "", n)
+        if (reason, shard, key) in self._seen:
+            return
+        self._seen.add((reason, shard, key))
+        self.distinct_counts[reason] += 1
+        self.shards[reason].add(shard)
+        n = self.distinct_counts[reason]
+        if len(self.examples[reason]) < self.max_examples:
+            self.examples[reason].append((shard, key, detail))
+        if warn and self.warn and notable(n):
+            what = f"key {key!r} in shard {shard}" if key else f"shard {shard}"
+            log.warning("skipped %s: %s%s (%d distinct so far)", reason, what, f": {detail}" if detail else "", n)
 
     def absorb(self, events: Sequence[Sequence[str]]) -> None:
         for reason, shard, key, detail in events:
@@ -125,8 +150,22 @@ class SkipCounter:
     def total(self) -> int:
         return sum(self.counts.values())
 
+    @property
+    def distinct(self) -> int:
+        return len(self._seen)
+
     def summary(self) -> str:
         return ", ".join(f"{r}: {n}" for r, n in sorted(self.counts.items())) or "nothing skipped"
+
+    def report(self) -> str:
+        """One line: per reason, distinct samples, encounters, the shards and one example."""
+        parts = []
+        for reason in sorted(self.counts):
+            shard, key, detail = self.examples[reason][0]
+            example = f"e.g. {'key ' + repr(key) + ': ' if key else ''}{detail}" if key or detail else ""
+            parts.append(f"{reason}: {self.distinct_counts[reason]} distinct ({self.counts[reason]} encounters) in "
+                         f"{_names(self.shards[reason])}{' (' + example + ')' if example else ''}")
+        return "; ".join(parts) or "nothing skipped"
 
 
 @dataclass
@@ -181,6 +220,8 @@ def read_shard_index(path: str, skips: SkipCounter | None = None) -> list[Indexe
         return []
     for key, (reason, detail) in bad.items():
         skips.skip(reason, path, key, detail)
+    if not samples and not bad:
+        skips.skip("empty shard", path, "", "a readable tar without any sample")
     return [s for k, s in samples.items() if k not in bad]
 
 
@@ -234,7 +275,7 @@ def iter_samples(shards: str | Sequence[str], *, rank: int = 0, world_size: int 
     reader, i = _ShardReader(), 0
     try:
         for shard in expand_shards(shards):
-            for s in read_shard_index(shard, skips if rank == 0 else SkipCounter()):
+            for s in read_shard_index(shard, skips if rank == 0 else SkipCounter(warn=False)):
                 i += 1
                 if (i - 1) % world_size != rank:
                     continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -226,17 +227,46 @@ def test_corrupt_members_are_skipped_and_counted(corrupt_dataset, num_workers, c
     check_skips(evals.skips, bad_shard, trunc, eval_pass=True)
 
 
-def test_nothing_valid_raises(tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_nothing_valid_raises(tmp_path, num_workers):
+    """One line naming the shard and the reason, raised in the main process (not a worker's traceback)."""
     shard = F.write_shard(str(tmp_path / "bad.tar"), [(f"g{i}", {"mp4": b"", "json": {"caption": "x"}})
                                                       for i in range(3)])
-    with pytest.raises(RuntimeError, match="no usable caption sample"):
-        take(D.make_train_loader(cfg_for(shard), "caption", 2), 1)
+    with pytest.raises(D.NoUsableData, match="no usable caption sample") as e:
+        take(D.make_train_loader(cfg_for(shard, num_workers=num_workers), "caption", 2), 1)
+    assert str(e.value).count("\n") == 0 and f"empty video: 3 distinct (3 encounters) in {shard}" in str(e.value)
     garbage = F.write_shard(str(tmp_path / "garbage.tar"),
                             [(f"g{i}", {"mp4": os.urandom(2000), "json": {"caption": "x"}}) for i in range(3)])
-    with pytest.raises(RuntimeError, match="in a row failed to decode"):
-        take(D.make_train_loader(cfg_for(garbage, max_consecutive_failures=20), "caption", 2), 1)
+    with pytest.raises(D.NoUsableData, match="in a row failed to decode") as e:
+        take(D.make_train_loader(cfg_for(garbage, max_consecutive_failures=20, num_workers=num_workers), "caption",
+                                 2), 1)
+    assert "Traceback" not in str(e.value) and f"undecodable video: 3 distinct (20 encounters) in {garbage}" in str(
+        e.value)
     with pytest.raises(ValueError, match="matches no file"):
         D.make_train_loader(cfg_for(str(tmp_path / "missing-{0..3}.tar")), "caption", 2)
+
+
+def test_skips_count_distinct_samples_and_warn_rate_limited(caplog):
+    skips = D.SkipCounter()
+    with caplog.at_level("WARNING"):
+        for _ in range(50):  # a resampled stream meets the same bad sample again and again
+            skips.skip("bad json", "s.tar", "k0", "oops")
+        for i in range(1, 30):
+            skips.skip("bad json", "s.tar", f"k{i}", "oops")
+    assert skips.total == 79 and skips.distinct == 30 and skips.counts["bad json"] == 79
+    counts = [int(m.group(1)) for m in map(re.compile(r"\((\d+) distinct so far\)").search, caplog.messages) if m]
+    assert counts == [1, 2, 3, 4, 5, 10]  # the first five, then powers of ten, with the running count
+    assert skips.report() == "bad json: 30 distinct (79 encounters) in s.tar (e.g. key 'k0': oops)"
+
+
+def test_empty_shard_reported_once(tmp_path, dataset, caplog):
+    pattern, _ = dataset
+    empty = F.write_shard(str(tmp_path / "empty.tar"), [])
+    loader = D.make_train_loader(cfg_for([pattern, empty], shuffle_buffer=2), "caption", 2)
+    with caplog.at_level("WARNING"):
+        take(loader, 30)
+    assert loader.skips.counts["empty shard"] >= 2 and loader.skips.distinct == 1  # drawn often, counted once
+    assert sum("empty shard" in m for m in caplog.messages) == 1 and empty in caplog.text
 
 
 def test_undecodable_clip_replaced_by_batch_duplicate(tmp_path):

@@ -1,4 +1,6 @@
-"""ville.index + ville.search: the command-line round trip, the model-identity check, folder sources, exact top-k."""
+"""ville.index + ville.search: the command-line round trip, the model-identity check, folder sources, exact top-k,
+incremental updates (changed, new and removed files; another model re-embeds everything), an interrupted update
+leaving the old index intact, and one error line when nothing is indexable."""
 from __future__ import annotations
 
 import copy
@@ -85,7 +87,7 @@ def test_cli_round_trip_and_model_mismatch(env):
     assert index["ids"] == keys and index["embeddings"].shape == (5, 24) and index["num_frames"] == 2
     assert index["model_identity"] == model_identity(str(env / "model_a"))
     assert [s["key"] for s in index["sources"]] == keys and all(os.path.isfile(s["shard"]) for s in index["sources"])
-    assert torch.allclose(index["embeddings"].norm(dim=1), torch.ones(5), atol=1e-5)
+    assert np.allclose(np.linalg.norm(index["embeddings"], axis=1), 1, atol=1e-5)
 
     metas = {s.key: s.meta for n in ("000000", "000001")
              for s in read_shard_index(str(env / "data" / "test" / f"shard-{n}.tar"))}
@@ -98,7 +100,7 @@ def test_cli_round_trip_and_model_mismatch(env):
     hits = json.loads(r.stdout)
     model = ViLLE.from_pretrained(str(env / "model_a"))
     with torch.no_grad():
-        cos = (index["embeddings"] @ model.embed_text([query])[0]).numpy()
+        cos = index["embeddings"] @ model.embed_text([query])[0].numpy()
     top4 = {keys[i] for i in np.argsort(-cos, kind="stable")[:4]}
     assert [h["rank"] for h in hits] == [1, 2, 3] and {h["id"] for h in hits} <= top4
     assert all(0 <= h["match"] <= 1 for h in hits)
@@ -116,13 +118,13 @@ def test_folder_index_and_search_in_process(env, capsys):
                           model_dir=str(env / "model_a"), num_frames=2, batch_size=2, progress=False)
     keys = _keys(env)[:3]
     assert index["ids"] == sorted([f"sub/{keys[0]}.mp4", f"{keys[1]}.mp4", f"{keys[2]}.mp4"])
-    assert index["skipped"] == [str(env / "videos" / "broken.mp4")]
+    assert [s["path"] for s in index["skipped"]] == [str(env / "videos" / "broken.mp4")]
     with pytest.raises(ValueError, match="duplicate id"):
         I.build_index(model, [str(env / "videos")] * 2, identity="x", num_frames=2, progress=False)
 
     hits = S.search(index, model, "a red circle moves left", k=2)
     with torch.no_grad():
-        cos = index["embeddings"] @ model.embed_text(["a red circle moves left"])[0]
+        cos = torch.from_numpy(index["embeddings"]) @ model.embed_text(["a red circle moves left"])[0]
     best = torch.sort(cos, descending=True, stable=True).indices[:2].tolist()
     assert [h["id"] for h in hits] == [index["ids"][i] for i in best]
     reranked = S.search(index, model, "a red circle moves left", k=3, rerank=True)
@@ -159,6 +161,78 @@ def test_identity_check_and_bad_index(tmp_path):
     with pytest.raises(S.ModelMismatchError, match="model mismatch"):
         S.check_identity({"model_identity": "aaaa", "model_dir": "/x"}, "bbbb", "/y")
     S.check_identity({"model_identity": "aaaa"}, "aaaa", "/y")
-    torch.save({"format": "something else"}, tmp_path / "bad.idx")
-    with pytest.raises(ValueError, match="not a ville index"):
+    torch.save({"format": "something else"}, tmp_path / "bad.idx")  # an old-format (pickle) file
+    with pytest.raises(ValueError, match="refused.*Re-create it"):
         I.load_index(str(tmp_path / "bad.idx"))
+
+
+def _copy_videos(env, dest):
+    import shutil
+
+    shutil.copytree(env / "videos", dest)
+    os.remove(dest / "broken.mp4")
+    return sorted(str(p.relative_to(dest)) for p in dest.rglob("*.mp4"))
+
+
+def test_incremental_update(env, tmp_path, monkeypatch):
+    videos = tmp_path / "videos"
+    ids = _copy_videos(env, videos)
+    model = ViLLE.from_pretrained(str(env / "model_a"))
+    ident = model_identity(str(env / "model_a"))
+    kw = dict(identity=ident, num_frames=2, batch_size=2, progress=False)
+    first = I.build_index(model, [str(videos)], **kw)
+    assert first["ids"] == ids and first["stats"] == {"embedded": 3, "kept": 0, "dropped": 0}
+    path = tmp_path / "v.idx"
+    I.save_index(first, str(path))
+
+    embedded = []
+    embed = I._embed
+    monkeypatch.setattr(I, "_embed", lambda m, frames: (embedded.append(len(frames)), embed(m, frames))[1])
+    changed, removed = videos / ids[0], videos / ids[1]
+    os.utime(changed, ns=(1, 1))  # same bytes, another mtime: embedded again
+    os.rename(removed, videos / "new.mp4")  # one file gone, one new
+    update = I.build_index(model, [str(videos)], previous=I.load_index(str(path)), **kw)
+    assert sum(embedded) == 2 and update["stats"] == {"embedded": 2, "kept": 1, "dropped": 2}
+    assert update["ids"] == sorted([ids[0], ids[2], "new.mp4"])
+    fresh = I.build_index(model, [str(videos)], **kw)
+    assert update["ids"] == fresh["ids"] and np.allclose(update["embeddings"], fresh["embeddings"], atol=1e-5)
+    kept = update["ids"].index(ids[2])
+    assert np.array_equal(update["embeddings"][kept], first["embeddings"][first["ids"].index(ids[2])])
+
+    # Another model: nothing of the old index is kept, whatever the files.
+    embedded.clear()
+    other = ViLLE.from_pretrained(str(env / "model_b"))
+    redo = I.build_index(other, [str(videos)], previous=update, **{**kw, "identity": "other"})
+    assert sum(embedded) == 3 and redo["stats"]["kept"] == 0 and redo["model_identity"] == "other"
+
+
+def test_interrupted_update_leaves_the_old_index(env, tmp_path, monkeypatch):
+    videos = tmp_path / "videos"
+    _copy_videos(env, videos)
+    path = tmp_path / "v.idx"
+    args = [str(env / "model_a"), str(videos), "--out", str(path), "--num-frames", "2", "--no-progress"]
+    I.main(args)
+    before = path.read_bytes()
+    for f in videos.rglob("*.mp4"):
+        os.utime(f, ns=(1, 1))  # everything changed: the update must decode again
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(I, "decode_clip", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        I.main(args)
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["v.idx", "videos"]
+
+
+def test_nothing_indexable_is_one_error_line(env, tmp_path, capsys):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "a.mp4").write_bytes(b"not a video")
+    (tmp_path / "empty").mkdir()
+    for folder, why in (("broken", "all 1 videos were skipped"), ("empty", "no .mp4 file there")):
+        with pytest.raises(SystemExit) as e:
+            I.main([str(env / "model_a"), str(tmp_path / folder), "--out", str(tmp_path / "x.idx"), "--no-progress"])
+        assert e.value.code == 2
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+        assert len(err) == 1 and why in err[0] and str(tmp_path / folder) in err[0]
+    assert not (tmp_path / "x.idx").exists()

@@ -13,8 +13,10 @@ window and composed embeddings, QA answers, matching scores -- is looked up in t
 split across ranks in fixed batches (batch b on rank b % world_size, so every rank's batches are the ones a single
 process would form, and the numbers do not depend on the world size), computed, all-gathered and written to the
 cache by rank 0. Metrics are computed from the gathered results by rank 0 only (`ville.metrics`, which documents the
-formulas and the tie rule). Cache files: `CACHE/{model identity}-{split}-{num_frames}-{what}-{frame size}px.pt`
-(plus `CACHE/{identity}-texts.pt`); the identity is the hash of the weights and the config
+formulas and the tie rule; DiDeMo moments by DiDeMo's own rule, other moment sets by QVHighlights'; multi-caption
+video-to-text both among all texts and as CLIP4Clip's per-video maximum, each labelled in the output). Cache
+files: `CACHE/{model identity}-{split}-{num_frames}-{what}-{frame size}px.safetensors`
+(plus `CACHE/{identity}-texts.safetensors`); the identity is the hash of the weights and the config
 (`ville.checkpoint.model_identity`) or, for an in-memory model, of its state dict and config, so neither a retrained
 model nor an edited stop rule ever reads stale entries.
 

@@ -8,8 +8,10 @@ not depend on the world size), computed, all-gathered and written to the cache b
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -53,27 +55,85 @@ def progress_bar(iterable, desc: str, cfg: EvalCfg, total: int | None = None):
 
 
 class Cache:
-    """Per-item results in one torch file per kind: a dict item id -> value, merged and rewritten atomically."""
+    """Per-item results in one file per kind: a dict item id -> value, merged and rewritten atomically.
+
+    A file is safetensors: the tensors and numpy arrays of the values, plus a JSON tree of everything else (str keys,
+    str / int / float / bool / None leaves, lists, dicts) in the metadata, where an array stands as {"__tensor__": n}
+    or {"__ndarray__": n}. Nothing in it is unpickled, so a shared or tampered cache cannot run code: a file that is
+    not such a cache is refused with one warning naming it and its entries are recomputed."""
+
+    FORMAT = "ville-cache-v1"
 
     def __init__(self, root: str | None, identity: str):
         self.root, self.identity = root, identity
 
     def path(self, name: str) -> str:
-        return os.path.join(self.root, f"{self.identity}-{name}.pt")
+        return os.path.join(self.root, f"{self.identity}-{name}.safetensors")
+
+    def _refuse(self, path: str, why: str) -> dict:
+        if rank_world()[0] == 0:
+            print(f"warning: cache file {path} refused ({why}); not opened as a pickle, its entries are recomputed "
+                  f"and the file rewritten", file=sys.stderr)
+        return {}
 
     def load(self, name: str) -> dict:
-        if not self.root or not os.path.isfile(self.path(name)):
+        if not self.root:
             return {}
-        return torch.load(self.path(name), map_location="cpu", weights_only=False)
+        path = self.path(name)
+        old = path[:-len(".safetensors")] + ".pt"
+        if os.path.isfile(old) and not os.path.isfile(path):
+            return self._refuse(old, "an old-format torch pickle; delete it once the new cache is written")
+        if not os.path.isfile(path):
+            return {}
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != self.FORMAT:
+                    return self._refuse(path, f"not a ville cache: format {meta.get('format')!r}")
+                arrays = {k: f.get_tensor(k) for k in f.keys()}
+            tree = json.loads(meta["tree"])
+        except (SafetensorError, OSError, KeyError, ValueError) as e:
+            return self._refuse(path, f"not a safetensors ville cache: {str(e).splitlines()[0][:160]}")
+
+        def decode(x):
+            if isinstance(x, dict):
+                if len(x) == 1 and "__tensor__" in x:
+                    return arrays[x["__tensor__"]]
+                if len(x) == 1 and "__ndarray__" in x:
+                    return arrays[x["__ndarray__"]].numpy()
+                return {k: decode(v) for k, v in x.items()}
+            return [decode(v) for v in x] if isinstance(x, list) else x
+
+        return decode(tree)
 
     def save(self, name: str, data: dict) -> None:
         """Called by every rank with the same (gathered) data; rank 0 writes, then all wait, so no rank ever loads a
         file another rank is about to change and every rank sees the same cache state (the work split relies on it)."""
         rank, world = rank_world()
         if self.root and rank == 0:
+            from safetensors.torch import save_file
+
+            arrays: dict[str, torch.Tensor] = {}
+
+            def encode(x):
+                if isinstance(x, (torch.Tensor, np.ndarray)):
+                    tag = "__tensor__" if isinstance(x, torch.Tensor) else "__ndarray__"
+                    name_ = str(len(arrays))
+                    # a copy: safetensors refuses tensors that share storage (rows of one batch's output do)
+                    arrays[name_] = (x.detach().cpu() if tag == "__tensor__" else torch.from_numpy(x)).clone()
+                    return {tag: name_}
+                if isinstance(x, dict):
+                    return {str(k): encode(v) for k, v in x.items()}
+                if isinstance(x, (list, tuple)):
+                    return [encode(v) for v in x]
+                return x.item() if isinstance(x, np.generic) else x
+
+            tree = json.dumps(encode(data))
             os.makedirs(self.root, exist_ok=True)
             tmp = self.path(name) + ".tmp"
-            torch.save(data, tmp)
+            save_file(arrays, tmp, metadata={"format": self.FORMAT, "tree": tree})
             os.replace(tmp, self.path(name))
         if world > 1:
             dist.barrier()
