@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # uv sync installs into this folder (default .venv) with the interpreter .python-version names.
 export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
 
-.PHONY: venv test demo bench upgrade lowest clean
+.PHONY: venv test demo bench upgrade lowest clean gpu-check
 
 $(CURDIR)/.uv/bin/uv:
 	python3 -m venv $(CURDIR)/.uv && $(CURDIR)/.uv/bin/pip install -q uv==$(UV_VERSION)
@@ -36,6 +36,10 @@ bench: venv
 	$(PY) bench/bench_decode_attention.py
 	$(PY) bench/bench_decode.py
 	$(PY) bench/bench_data.py
+
+# A GPU machine's fixed image: plain python3, nothing installed or built (bench/gpu_check.py; < 8 min on an H100).
+gpu-check:
+	python3 bench/gpu_check.py
 
 upgrade: | $(UV)
 	$(UV) lock --upgrade

@@ -256,7 +256,10 @@ def main():
     parser.add_argument("--providers", default="naive,chunked,triton,csrc,inf_cl")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, no memory subprocesses on CPU")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions on CPU (median)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU: torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device("cuda" if cuda else "cpu")
     dtype = DTYPES[args.dtype]
@@ -271,6 +274,7 @@ def main():
     mem_label = "peak MB above inputs (torch.cuda.max_memory_allocated)" if cuda else \
         "peak-RSS growth MB during the call (clear_refs + VmHWM, fresh subprocess per provider/size)"
     print(f"# memory: {mem_label}")
+    print(f"# torch threads: {torch.get_num_threads()}; 'x naive': the naive provider's fwd+bwd ms over this one's")
 
     providers = []
     for name in args.providers.split(","):
@@ -288,12 +292,13 @@ def main():
         providers.append(name)
 
     print("\n| N=M | D | provider | fwd ms | fwd TFLOP/s | fwd % peak | fwd MB | fwd+bwd ms | fwd+bwd TFLOP/s "
-          "| fwd+bwd % peak | fwd+bwd MB |")
-    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| fwd+bwd % peak | fwd+bwd MB | x naive |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in sizes:
         for d in dims:
             q, p, s = make_inputs(n, d, dtype, device)
             flops = 2 * n * n * d
+            naive_ms = None
             for name in providers:
                 if name == "naive":
                     fits, reason = naive_fits(n, d, dtype, device)
@@ -315,8 +320,10 @@ def main():
                     mem = [measured["fwd"], measured["fwdbwd"]]
                 (f_ms, f_tf, f_pc), (b_ms, b_tf, b_pc) = cells
                 f_mb, b_mb = ("n/a" if mb != mb else f"{mb:.0f}" for mb in mem)  # NaN: not measured
+                naive_ms = b_ms if name == "naive" else naive_ms
+                ratio = f"{naive_ms / b_ms:.2f}" if naive_ms else "-"
                 print(f"| {n} | {d} | {name} | {f_ms:.1f} | {f_tf:.3f} | {f_pc:.0f}% | {f_mb} | {b_ms:.1f} "
-                      f"| {b_tf:.3f} | {b_pc:.0f}% | {b_mb} |", flush=True)
+                      f"| {b_tf:.3f} | {b_pc:.0f}% | {b_mb} | {ratio} |", flush=True)
             del q, p, s
             if cuda:
                 torch.cuda.empty_cache()

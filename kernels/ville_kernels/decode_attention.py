@@ -163,17 +163,40 @@ def _num_sms(device: torch.device) -> int:
     return sm_count(device) if device.type == "cuda" else _CPU_INTERPRET_SMS
 
 
-def _block_sizes(head_dim: int, interpret: bool) -> tuple[int, int, int]:
+def _block_g(group: int) -> int:
+    return max(16, triton.next_power_of_2(group))
+
+
+# Registers per thread (ptxas' .maxnreg): uncapped, ptxas took 255 at head dim 128 (no headroom); every variant
+# compiles under 232 without spills for sm_90 and sm_80 with the tiles of _block_sizes (ville_kernels.compile_report).
+_MAX_REGISTERS = 232
+
+
+def _block_sizes(head_dim: int, interpret: bool, dtype: torch.dtype = torch.bfloat16,
+                 group: int = 1) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_D, num_warps). Under the interpreter each tile costs Python time, not registers; 16-key tiles
     keep tiny test caches spanning several tiles and splits."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if interpret:
         return 16, block_d, 1
-    # Decode is bandwidth-bound: a K tile of 64 x 128 bf16 (16 KiB) per stage keeps loads in flight; at D = 256
-    # halve the tile and double the warps to stay within registers for the (BLOCK_G, 256) fp32 accumulator.
-    if block_d <= 128:
-        return 64, block_d, 4
-    return 32, block_d, 8
+    # Decode is bandwidth-bound: 8 KiB of bf16 keys per tile (64 x 64, 32 x 128) per stage keeps loads in flight; at
+    # D = 256 double the warps to stay within registers for the (BLOCK_G, 256) fp32 accumulator. fp32 caches take
+    # 16-key tiles (their ieee dot runs on FMAs and spilled at 32), and 32+ query heads per kv head (BLOCK_G >= 32)
+    # halve the tile. Each of these is the largest that compiled without spills for sm_90 and sm_80.
+    block_n, num_warps = {64: (64, 4), 128: (32, 4)}.get(max(block_d, 64), (32, 8))
+    if dtype == torch.float32:
+        block_n = 16
+        if _block_g(group) >= 32:
+            num_warps = 8  # with 4 the (32, D) fp32 accumulator and scores spilled up to 336 bytes
+    elif _block_g(group) >= 32:
+        block_n //= 2
+    return block_n, block_d, num_warps
+
+
+def _num_stages(head_dim: int, dtype: torch.dtype, group: int) -> int:
+    """Software-pipelining depth: 2, except fp32 caches at D = 256 with 32+ query heads per kv head, where the second
+    stage's registers spilled (126 registers with 1 stage, spills with 2 or 3)."""
+    return 1 if dtype == torch.float32 and head_dim > 128 and _block_g(group) >= 32 else 2
 
 
 def _num_splits(batch: int, kv_heads: int, span: int, block_n: int, num_sms: int) -> int:
@@ -198,7 +221,7 @@ def _decode_attention_fwd(q, k_cache, v_cache, cache_lens, batch_idx, scale, sof
     _, Hkv, Lm, _ = k_cache.shape
     G = Hq // Hkv
     interpret = q.device.type == "cpu"
-    bn, block_d, num_warps = _block_sizes(D, interpret)
+    bn, block_d, num_warps = _block_sizes(D, interpret, q.dtype, G)
     block_n = block_n or bn
     span = min(Lm, window) if window is not None else Lm
     if num_splits is None:
@@ -218,12 +241,13 @@ def _decode_attention_fwd(q, k_cache, v_cache, cache_lens, batch_idx, scale, sof
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         Hq, scale, softcap if softcap is not None else 1.0, window if window is not None else 0,
         G=G, D=D, NUM_SPLITS=num_splits,
-        BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, BLOCK_D=block_d,
+        BLOCK_G=_block_g(G), BLOCK_N=block_n, BLOCK_D=block_d,
         HAS_BATCH_IDX=batch_idx is not None, HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None,
         # fp32 caches must not silently drop to tf32 in the dot; bf16/fp16 dots accumulate in fp32 anyway.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or interpret_bf16 else "tf32",
         INTERPRET_BF16=interpret_bf16,
-        num_warps=num_warps, num_stages=2,
+        num_warps=num_warps, num_stages=_num_stages(D, q.dtype, G),
+        **({} if interpret else {"maxnreg": _MAX_REGISTERS}),
     )
     if num_splits > 1:
         _decode_attention_combine_kernel[(B, Hq)](

@@ -16,27 +16,33 @@ Organisation (why it looks like this):
   (lse_neg), the positive logit x_pos comes from an O(N * D) gather, and with z = lse_neg - x_pos a row's loss is
   softplus(z). That stays accurate when the positive dominates, where lse - x_pos would subtract two numbers of
   size s (~100) to get a loss of ~1e-6. The column direction is the same with column j's positive row.
-- Forward, one pass over the similarity for both directions. Program (sn, sm) owns a super-tile of TILES_N x TILES_M
-  tiles. For each of its row blocks it sweeps its column tiles keeping the row (max, sum) online in registers, and
-  writes one partial (max, sum) per row per super-column (ROW_MAX / ROW_SUM, N x SM). Column statistics of each tile
-  are merged online into a per-super-row scratch (COL_MAX / COL_SUM, SN x M) that only this program touches, so no
-  atomics are needed and the result is deterministic. The host merges the SM row partials and the SN column
-  partials. Scratch is O((N + M) * sqrt(N * M / programs)), a few MB to ~100 MB at N = M = 256k, instead of the
+- Forward, one pass over the similarity for both directions, on a persistent grid (one program per resident block,
+  `_resident_programs`) that walks super-tiles of TILES_N x TILES_M tiles round-robin; `_forward_tiling` sizes them so
+  every SM gets about the same work. For each row block of super-tile (sn, sm) the program sweeps its column tiles
+  keeping the row (max, sum) online in registers, and writes one partial (max, sum) per row per super-column
+  (ROW_MAX / ROW_SUM, N x SM). Column statistics of each tile are merged online into a per-super-row scratch
+  (COL_MAX / COL_SUM, SN x M) that only this super-tile touches, so no atomics are needed and the result is
+  deterministic. The host merges the SM row partials and the SN column
+  partials. Scratch is O((N + M) * sqrt(super-tiles)), a few MB to ~110 MB at N = M = 256k, instead of the
   N * M / BLOCK_N that "one partial per row block" would cost. Atomics would avoid the scratch but a (max, sum) pair
   cannot be merged by one atomic, and a locked merge serialises the column tiles.
 - Saved for backward: x_pos, z_row, z_col (O(N)); the full LSEs are x_pos + softplus(z).
 - Backward, one pass with atomics: program (row block, column block) recomputes its tile, forms
-  G = g * (w_row * softmax_row + w_col * softmax_col) on the negative pairs in fp32, then for each BLOCK_D slice adds
-  G @ p into dq and G^T @ q into dp with fp32 atomics; it also sums each row's and column's negative softmax mass.
+  G = g * (w_row * softmax_row + w_col * softmax_col) on the negative pairs (only the softmax part is rounded to the
+  input dtype, the small factors multiply the fp32 dot results: see _infonce_bwd_kernel), then for each BLOCK_D
+  slice adds G @ p into dq and G^T @ q into dp with fp32 atomics; it also sums each row's and column's negative
+  softmax mass.
   The alternative (a dq pass over row blocks plus a dp pass over column blocks, no atomics) recomputes the
   similarity twice, 4 matmul passes instead of 3; and a register accumulator for a BLOCK_N x D slab does not fit
   once D is in the thousands. The positive pair's entry of G is minus that mass (softmax - 1 = -sum of the others):
   the host adds it in fp32, outside the low-precision tile G, and because it is summed from the very probabilities
   the negatives used, every row and column of G sums to zero as it should.
-Block sizes (`_block_sizes`) were chosen to compile for sm_90 without register spills; they are not tuned on hardware.
+Block sizes (`_block_sizes`) and the register cap were chosen to compile for sm_90 and sm_80 without register spills
+(ville_kernels.compile_report); they are not tuned on hardware.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -99,22 +105,14 @@ if triton is not None:
         return negative
 
     @triton.jit
-    def _infonce_fwd_kernel(
-        Q, P, SCALE, LABELS, ROW_GROUPS, COL_GROUPS, ROW_MAX, ROW_SUM, COL_MAX, COL_SUM,
-        N, M, D, stride_qn, stride_qd, stride_pm, stride_pd,
-        TILES_N, TILES_M, SUPERS_M,
+    def _infonce_fwd_super_tile(
+        Q, P, scale2, LABELS, ROW_GROUPS, COL_GROUPS, ROW_MAX, ROW_SUM, COL_MAX, COL_SUM,
+        N, M, D, stride_qn, stride_qd, stride_pm, stride_pd, TILES_N, TILES_M, SUPERS_M, sn, sm,
         HAS_GROUPS: tl.constexpr, SYMMETRIC: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
     ):
-        """Program (sn, sm): online (max, sum) over the *negatives* of each row of its super-tile, written to
-        ROW_*[:, sm] (N x SM), and of each column, merged into COL_*[sn, :] (SN x M, initialised by the host).
-
-        Logits are handled in log2 units (x * s * log2(e)) so the exponentials are the native exp2."""
-        pid = tl.program_id(0)
-        sn = pid // SUPERS_M
-        sm = pid % SUPERS_M
-        scale2 = tl.load(SCALE).to(tl.float32) * 1.4426950408889634
+        """Super-tile (sn, sm) of `_infonce_fwd_kernel`: its row blocks, each sweeping its column tiles."""
         rb_lo = sn * TILES_N
         rb_hi = tl.minimum(rb_lo + TILES_N, tl.cdiv(N, BLOCK_N))
         cb_lo = sm * TILES_M
@@ -155,18 +153,50 @@ if triton is not None:
             tl.store(ROW_SUM + r_offs, l_row, mask=row_in)
 
     @triton.jit
+    def _infonce_fwd_kernel(
+        Q, P, SCALE, LABELS, ROW_GROUPS, COL_GROUPS, ROW_MAX, ROW_SUM, COL_MAX, COL_SUM,
+        N, M, D, stride_qn, stride_qd, stride_pm, stride_pd,
+        TILES_N, TILES_M, SUPERS_M, SUPERS,
+        HAS_GROUPS: tl.constexpr, SYMMETRIC: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+    ):
+        """Persistent: program pid handles super-tiles pid, pid + programs, ... of the SUPERS = SN x SM. Super-tile
+        (sn, sm): online (max, sum) over the *negatives* of each row, written to ROW_*[:, sm] (N x SM), and of each
+        column, merged into COL_*[sn, :] (SN x M, initialised by the host). Each (row, sm) and (sn, column) entry
+        belongs to exactly one super-tile, so no two programs touch the same scratch.
+
+        Logits are handled in log2 units (x * s * log2(e)) so the exponentials are the native exp2."""
+        scale2 = tl.load(SCALE).to(tl.float32) * 1.4426950408889634
+        for tile in range(tl.program_id(0), SUPERS, tl.num_programs(0)):
+            _infonce_fwd_super_tile(
+                Q, P, scale2, LABELS, ROW_GROUPS, COL_GROUPS, ROW_MAX, ROW_SUM, COL_MAX, COL_SUM,
+                N, M, D, stride_qn, stride_qd, stride_pm, stride_pd, TILES_N, TILES_M, SUPERS_M,
+                tile // SUPERS_M, tile % SUPERS_M, HAS_GROUPS, SYMMETRIC, BLOCK_N, BLOCK_M, BLOCK_D, DOT_PRECISION,
+                INTERPRET_BF16)
+
+    @triton.jit
     def _infonce_bwd_kernel(
         Q, P, SCALE, GRAD, LABELS, ROW_GROUPS, COL_GROUPS, LSE_ROW, LSE_COL, DQ, DP, DSCALE_PART, NEG_ROW, NEG_COL,
         N, M, D, stride_qn, stride_qd, stride_pm, stride_pd,
-        w_row, w_col,
+        w_row, col_ratio, tile_scale,
         HAS_GROUPS: tl.constexpr, SYMMETRIC: tl.constexpr, GROUP_N: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
     ):
         """Program (row block, column block): recompute the tile and form G = dloss/dlogits on the *negative* pairs,
-        g * (w_row * softmax_row + w_col * softmax_col); atomically add s*G @ p into DQ and s*G^T @ q into DP (fp32,
-        (N, D) and (M, D)); write sum(G * q.p) to DSCALE_PART[pid]; atomically add the softmax mass of the negatives
-        to NEG_ROW (N,) and NEG_COL (M,). The host adds the positive pairs, whose entry of G is minus that mass.
+        g * w_row * (softmax_row + col_ratio * softmax_col) with col_ratio = w_col / w_row; atomically add s*G @ p
+        into DQ and s*G^T @ q into DP (fp32, (N, D) and (M, D)); atomically add sum(G * q.p) to DSCALE_PART[row
+        block]; atomically add the softmax mass of the negatives to NEG_ROW (N,) and NEG_COL (M,). The host adds the
+        positive pairs, whose entry of G is minus that mass.
+
+        Only the softmax part H = softmax_row + col_ratio * softmax_col (entries in [0, 2]) is rounded to the input
+        dtype for the dots, times `tile_scale` (a power of two); the small factors g * w_row * s / tile_scale
+        multiply the fp32 dot results. Folding w_row = 0.5 / N and s into the tile before an fp16 cast flushes the
+        negatives to zero at large N (at N = 64k, s = 14.3 every negative's term was below fp16's smallest
+        subnormal); fp16's tile_scale 2^14 lifts H into its normal range (2 * 2^14 < 65504): entries below 3.7e-9
+        become subnormal with an absolute error under 1.8e-12 each, under 2e-6 over a row of 1M (H's rows sum to
+        at most 2), where the old order lost every negative.
 
         LSE_ROW / LSE_COL: full log-sum-exps in log2 units, LSE_COL = +inf for columns that are no row's label."""
         pid = tl.program_id(0)
@@ -194,16 +224,17 @@ if triton is not None:
         lse_row = tl.load(LSE_ROW + rows, mask=row_in, other=0.0)
         soft_row = tl.exp2(x - lse_row[:, None])
         tl.atomic_add(NEG_ROW + rows, tl.sum(soft_row, 1), mask=row_in, sem="relaxed")
-        grad = w_row * soft_row
+        grad = soft_row
         if SYMMETRIC:
             lse_col = tl.load(LSE_COL + cols, mask=col_in, other=float("inf"))
             soft_col = tl.exp2(x - lse_col[None, :])
             tl.atomic_add(NEG_COL + cols, tl.sum(soft_col, 0), mask=col_in, sem="relaxed")
-            grad += w_col * soft_col
-        grad = grad * g
-        tl.store(DSCALE_PART + pid, tl.sum(tl.sum(grad * raw, 1), 0))
+            grad += col_ratio * soft_col
+        factor = g * w_row
+        tl.atomic_add(DSCALE_PART + rb, tl.sum(tl.sum(grad * raw, 1), 0) * factor, sem="relaxed")
+        out_factor = factor * scale / tile_scale
 
-        grad = grad * scale
+        grad = grad * tile_scale
         if INTERPRET_BF16:
             # The interpreter's fp32 -> bf16 cast truncates; round to nearest even by hand so G carries the same
             # rounding as on the GPU, then keep fp32 (bf16 x bf16 products are exact in fp32).
@@ -226,8 +257,8 @@ if triton is not None:
             if INTERPRET_BF16:
                 q_c = q_c.to(tl.float32)
                 p_c = p_c.to(tl.float32)
-            dq_c = tl.dot(grad_lo, p_c, input_precision=DOT_PRECISION)
-            dp_c = tl.dot(grad_lo_t, q_c, input_precision=DOT_PRECISION)
+            dq_c = tl.dot(grad_lo, p_c, input_precision=DOT_PRECISION) * out_factor
+            dp_c = tl.dot(grad_lo_t, q_c, input_precision=DOT_PRECISION) * out_factor
             tl.atomic_add(dq_ptrs, dq_c, mask=row_in[:, None] & d_in[None, :], sem="relaxed")
             tl.atomic_add(dp_ptrs, dp_c, mask=col_in[:, None] & d_in[None, :], sem="relaxed")
             q_ptrs += BLOCK_D * stride_qd
@@ -241,22 +272,32 @@ def _kernels_interpreted() -> bool:
 
 
 _INTERPRET_PROGRAMS = 2  # pretend device size under TRITON_INTERPRET: small shapes still get multi-tile programs
+# Registers per thread for both kernels (ptxas' .maxnreg). Uncapped, ptxas took 243-255 of the 255 an 8-warp block
+# may have and the 16-bit forward spilled 320 bytes on sm_80; under 232 with the tiles of _block_sizes every variant
+# compiles without spills for sm_90 and sm_80. Caps of 128 (two 8-warp blocks per SM) spilled 200-1000 bytes.
+_MAX_REGISTERS = 232
+_BLOCKS_PER_SM = 65536 // (_MAX_REGISTERS * 32 * 8)
 
 
-def _target_programs(device: torch.device) -> int:
-    return 4 * sm_count(device) if device.type == "cuda" else _INTERPRET_PROGRAMS
+def _resident_programs(device: torch.device) -> int:
+    """Programs of the persistent forward: every SM's resident blocks, from the device's SM count at run time."""
+    return _BLOCKS_PER_SM * sm_count(device) if device.type == "cuda" else _INTERPRET_PROGRAMS
+
+
+def _register_cap(interpret: bool) -> dict:
+    return {} if interpret else {"maxnreg": _MAX_REGISTERS}
 
 
 def _block_sizes(dtype: torch.dtype, interpret: bool, backward: bool) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_M, BLOCK_D, num_warps). Under the interpreter a tile costs Python time, so tiles are the
-    smallest tl.dot accepts. GPU choices: the largest tiles that compile for sm_90 without register spills (checked
-    with cuobjdump -res-usage over the HAS_GROUPS x SYMMETRIC variants; one fp32 forward variant spills 24 bytes);
+    smallest tl.dot accepts. GPU choices: the largest tiles that compile for sm_90 and sm_80 without register spills
+    under the _MAX_REGISTERS cap, every variant (ville_kernels.compile_report; tests/kernels/test_kernel_compile.py);
     not yet timed on hardware."""
     if interpret:
         return 16, 16, 16, 1
     if dtype == torch.float32:
-        return (64, 64, 32, 8) if backward else (64, 64, 16, 8)
-    return (64, 128, 32, 8) if backward else (128, 128, 32, 8)
+        return (64, 64, 16, 8) if backward else (64, 64, 8, 8)
+    return (64, 128, 16, 8) if backward else (128, 128, 16, 8)
 
 
 def _launch_common(q, p, logit_scale, labels, row_groups, col_groups):
@@ -281,10 +322,40 @@ def _launch_common(q, p, logit_scale, labels, row_groups, col_groups):
     )
 
 
-def _forward_tiling(blocks_n: int, blocks_m: int, target: int) -> tuple[int, int]:
-    """Tiles per program (TILES_N, TILES_M): about `target` programs, square super-tiles to bound both scratches."""
-    t = max(1, math.isqrt(blocks_n * blocks_m // max(1, target)))
-    return min(t, blocks_n), min(t, blocks_m)
+@functools.lru_cache(maxsize=256)
+def _forward_tiling(blocks_n: int, blocks_m: int, programs: int) -> tuple[int, int, float]:
+    """(TILES_N, TILES_M, balance) for the persistent forward on `programs` resident programs.
+
+    Super-tiles go round-robin to the programs, so the forward takes as long as its busiest program. One super-tile
+    per program left the grid's tail idle (576 super-tiles for every N from 32k to 1M, 529 full, on 132 SMs: at
+    most 0.82 of the machine). Candidates: 2 to 8 super-tiles per program, near-square (the scratch is
+    O((N + M) * sqrt(super-tiles))); the first, i.e. the fewest super-tiles, whose balance = mean work / busiest
+    program's work reaches _BALANCE, else the best seen. Work counts tiles, so ragged edge super-tiles weigh what
+    they cost."""
+    total = blocks_n * blocks_m
+    best = None
+    for per_program in range(2, 9):
+        t = max(1, math.isqrt(total // max(1, per_program * programs)))
+        for tn in range(max(1, t - 3), t + 4):
+            for tm in range(max(1, t - 3), t + 4):
+                tn_, tm_ = min(tn, blocks_n), min(tm, blocks_m)
+                sn, sm = -(-blocks_n // tn_), -(-blocks_m // tm_)
+                rows = torch.full((sn,), tn_, dtype=torch.int64)
+                rows[-1] = blocks_n - tn_ * (sn - 1)
+                cols = torch.full((sm,), tm_, dtype=torch.int64)
+                cols[-1] = blocks_m - tm_ * (sm - 1)
+                work = (rows[:, None] * cols[None, :]).flatten()
+                padded = torch.zeros(-(-work.numel() // programs) * programs, dtype=torch.int64)
+                padded[: work.numel()] = work
+                balance = total / (min(programs, work.numel()) * padded.view(-1, programs).sum(0).max().item())
+                if best is None or balance > best[2] + 1e-9 or (balance > best[2] - 1e-9 and sn * sm < best[3]):
+                    best = (tn_, tm_, balance, sn * sm)
+        if best[2] >= _BALANCE:
+            break
+    return best[:3]
+
+
+_BALANCE = 0.95
 
 
 def _infonce_fwd(q, p, logit_scale, labels, row_groups, col_groups, symmetric):
@@ -295,7 +366,8 @@ def _infonce_fwd(q, p, logit_scale, labels, row_groups, col_groups, symmetric):
     (N, D), M = q.shape, p.shape[0]
     block_n, block_m, block_d, num_warps = _block_sizes(q.dtype, a["interpret"], backward=False)
     blocks_n, blocks_m = triton.cdiv(N, block_n), triton.cdiv(M, block_m)
-    tiles_n, tiles_m = _forward_tiling(blocks_n, blocks_m, _target_programs(q.device))
+    programs = _resident_programs(q.device)
+    tiles_n, tiles_m, _ = _forward_tiling(blocks_n, blocks_m, programs)
     supers_n, supers_m = triton.cdiv(blocks_n, tiles_n), triton.cdiv(blocks_m, tiles_m)
     row_max = torch.empty(N, supers_m, dtype=torch.float32, device=q.device)
     row_sum = torch.empty(N, supers_m, dtype=torch.float32, device=q.device)
@@ -304,14 +376,14 @@ def _infonce_fwd(q, p, logit_scale, labels, row_groups, col_groups, symmetric):
         col_sum = torch.zeros(supers_n, M, dtype=torch.float32, device=q.device)
     else:
         col_max = col_sum = row_max  # unread
-    _infonce_fwd_kernel[(supers_n * supers_m,)](
+    _infonce_fwd_kernel[(min(programs, supers_n * supers_m),)](
         q, p, a["scale"], a["labels"], a["row_groups"], a["col_groups"], row_max, row_sum, col_max, col_sum,
         N, M, D, q.stride(0), q.stride(1), p.stride(0), p.stride(1),
-        tiles_n, tiles_m, supers_m,
+        tiles_n, tiles_m, supers_m, supers_n * supers_m,
         HAS_GROUPS=a["has_groups"], SYMMETRIC=symmetric,
         BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
         DOT_PRECISION=a["precision"], INTERPRET_BF16=a["interpret_bf16"],
-        num_warps=num_warps, num_stages=3,
+        num_warps=num_warps, num_stages=3, **_register_cap(a["interpret"]),
     )
     lse_row = _merge_log2_partials(row_max, row_sum, dim=1)
     lse_col = _merge_log2_partials(col_max, col_sum, dim=0) if symmetric else None
@@ -323,6 +395,12 @@ def _merge_log2_partials(maxes, sums, dim):
     top = maxes.amax(dim=dim, keepdim=True)
     total = (sums * torch.exp2(maxes - top)).sum(dim=dim)
     return (top.squeeze(dim) + torch.log2(total)) * _LN2
+
+
+def _grad_tile_scale(dtype: torch.dtype) -> float:
+    """Power of two the backward's softmax tile is multiplied by before its cast to the input dtype: fp16's
+    normal range starts at 6.1e-5, bf16's and fp32's at fp32's 1.2e-38 (see _infonce_bwd_kernel)."""
+    return 2.0 ** 14 if dtype == torch.float16 else 1.0
 
 
 def _infonce_bwd(q, p, logit_scale, grad, labels, row_groups, col_groups, lse_row, lse_col, w_row, w_col,
@@ -337,7 +415,8 @@ def _infonce_bwd(q, p, logit_scale, grad, labels, row_groups, col_groups, lse_ro
     programs = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
     dq = torch.zeros(N, D, dtype=torch.float32, device=q.device)
     dp = torch.zeros(M, D, dtype=torch.float32, device=q.device)
-    ds_part = torch.empty(programs, dtype=torch.float32, device=q.device)
+    # One partial per row block (64 kB at N = 1M), not per program (512 MB at N = M = 1M).
+    ds_part = torch.zeros(triton.cdiv(N, block_n), dtype=torch.float32, device=q.device)
     neg_row = torch.zeros(N, dtype=torch.float32, device=q.device)
     neg_col = torch.zeros(M, dtype=torch.float32, device=q.device) if symmetric else neg_row
     lse_row2 = (lse_row * _LOG2E).contiguous()
@@ -346,11 +425,11 @@ def _infonce_bwd(q, p, logit_scale, grad, labels, row_groups, col_groups, lse_ro
         q, p, a["scale"], grad.detach().to(torch.float32).contiguous(), a["labels"], a["row_groups"],
         a["col_groups"], lse_row2, lse_col2, dq, dp, ds_part, neg_row, neg_col,
         N, M, D, q.stride(0), q.stride(1), p.stride(0), p.stride(1),
-        w_row, w_col,
+        w_row, w_col / w_row, _grad_tile_scale(q.dtype),
         HAS_GROUPS=a["has_groups"], SYMMETRIC=symmetric, GROUP_N=8,
         BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
         DOT_PRECISION=a["precision"], INTERPRET_BF16=a["interpret_bf16"],
-        num_warps=num_warps, num_stages=2,
+        num_warps=num_warps, num_stages=2, **_register_cap(a["interpret"]),
     )
     return dq, dp, ds_part.sum(), neg_row, (neg_col if symmetric else None)
 

@@ -11,8 +11,8 @@ rounded to bf16. NaN never passes.
 
 Paths: the chunked PyTorch path runs in this process (VILLE_KERNELS=torch, three row chunks per case);
 the Triton kernels run through Triton's interpreter in a TRITON_INTERPRET=1 subprocess, because triton 3.9 reads that
-variable when `@triton.jit` decorates, i.e. when ville_kernels is imported, not at launch; they are also compiled for
-sm_90 without a GPU (code generation the interpreter skips); on a GPU the CUDA cases run.
+variable when `@triton.jit` decorates, i.e. when ville_kernels is imported, not at launch; code generation, which the
+interpreter skips, is checked for sm_90 and sm_80 in test_kernel_compile.py; on a GPU the CUDA cases run.
 Inputs are fresh random draws (the seed is printed on failure).
 """
 from __future__ import annotations
@@ -131,8 +131,8 @@ def _run(fn, q, p, scale, labels, groups, symmetric, g, **kw):
     return {"loss": loss.detach(), "dq": q.grad, "dp": p.grad, "dscale": scale.grad}
 
 
-def check_case(case: Case, device: str = "cpu"):
-    seed = int.from_bytes(os.urandom(4), "little")
+def check_case(case: Case, device: str = "cpu", seed: int | None = None):
+    seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
     q, p, scale, labels, groups, g = make_inputs(case, device, seed)
     symmetric = case.mode.startswith("sym")
     args = (labels, groups, symmetric, g)
@@ -142,9 +142,12 @@ def check_case(case: Case, device: str = "cpu"):
     out_dtypes = {"loss": torch.float32, "dq": q.dtype, "dp": p.dtype, "dscale": torch.float32}
     # An fp32 logit of size L is only known to eps32 * L, which any fp32 implementation can turn into a relative
     # error of that size in every output (the op's softmax is normalised by a stored log-sum-exp, the reference's by
-    # a sum over the row; they round differently).
+    # a sum over the row; they round differently). The op's softmax exponent is a logit minus stored fp32
+    # log-sum-exps of size ~L, each one more such rounding: x - lse_row (2), and in the symmetric loss the column
+    # softmax of the chunked path, (x - lse_row) + (lse_row - lse_col) (3).
     largest_logit = (scale.double() * q.double() @ p.double().T).abs().max().item()
-    logit_quantum = torch.finfo(torch.float32).eps * largest_logit
+    roundings = 3 if symmetric else 2
+    logit_quantum = roundings * torch.finfo(torch.float32).eps * largest_logit
     for name, out_dtype in out_dtypes.items():
         assert got[name].dtype == out_dtype, f"{case.id} seed={seed}: {name} dtype {got[name].dtype}"
         k, r, b = got[name].double(), ref[name].double(), low[name].double()
@@ -179,6 +182,15 @@ def test_chunked_torch_path(case, monkeypatch):
     check_case(case)
 
 
+def test_chunked_torch_path_known_seed(monkeypatch):
+    """The seed that once missed the dp budget by 6 % (2.26e-5 against 2.13e-5: the budget counted one fp32 rounding
+    of the largest logit, the chunked column softmax performs three)."""
+    case = Case(37, 53, 96, "fp32", "sym-labels-noncontig")
+    monkeypatch.setenv("VILLE_KERNELS", "torch")
+    monkeypatch.setattr(infonce_mod, "_chunk_rows", lambda M, device: max(1, math.ceil(case.n / 3)))
+    check_case(case, seed=3476661282)
+
+
 @pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTERPRET=1 subprocess of "
                                           "test_triton_kernels_under_interpreter")
 @pytest.mark.parametrize("case", INTERPRET_CASES, ids=lambda c: c.id)
@@ -203,49 +215,6 @@ def test_triton_kernels_under_interpreter():
     assert run.returncode == 0, out[-8000:]
     passed = re.search(r"(\d+) passed", out)
     assert passed and int(passed.group(1)) == len(INTERPRET_CASES), out[-3000:]
-
-
-def _kernel_signature(kernel, dtype: str) -> dict[str, str]:
-    ints = {"N", "M", "D", "TILES_N", "TILES_M", "SUPERS_M"}
-    signature = {}
-    for param in kernel.params:
-        name = param.name
-        if param.is_constexpr:
-            signature[name] = "constexpr"
-        elif name in ("Q", "P"):
-            signature[name] = f"*{dtype}"
-        elif name in ("LABELS", "ROW_GROUPS", "COL_GROUPS"):
-            signature[name] = "*i64"
-        elif name in ints or name.startswith("stride_"):
-            signature[name] = "i32"
-        elif name.startswith("w_"):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "*fp32"
-    return signature
-
-
-@pytest.mark.skipif(INTERPRET, reason="under TRITON_INTERPRET the kernels are interpreter objects")
-@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
-def test_triton_kernels_compile_for_sm90(dtype):
-    """Both kernels, with the launchers' block sizes, compile all the way to an sm_90 (H100) cubin without a GPU:
-    the interpreter runs the kernels' arithmetic but not Triton's code generation (layouts, tl.dot shapes, types)."""
-    triton = pytest.importorskip("triton")
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError:
-        pytest.skip("this triton has no ASTSource / GPUTarget compile API")
-    for kernel, backward in ((infonce_mod._infonce_fwd_kernel, False), (infonce_mod._infonce_bwd_kernel, True)):
-        block_n, block_m, block_d, num_warps = infonce_mod._block_sizes(DTYPES[dtype], False, backward)
-        for variant in (True, False):  # HAS_GROUPS and SYMMETRIC together: every optional code path, or none
-            constexprs = dict(HAS_GROUPS=variant, SYMMETRIC=variant, BLOCK_N=block_n, BLOCK_M=block_m,
-                              BLOCK_D=block_d, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
-                              INTERPRET_BF16=False, **({"GROUP_N": 8} if backward else {}))
-            source = ASTSource(fn=kernel, signature=_kernel_signature(kernel, dtype), constexprs=constexprs)
-            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                      options={"num_warps": num_warps, "num_stages": 2 if backward else 3})
-            assert compiled.asm["cubin"], f"{kernel.fn.__name__} {dtype} variant={variant}: empty cubin"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
