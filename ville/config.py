@@ -116,6 +116,8 @@ class LLMCfg:
     dtype: str = "float32"  # weights dtype: float32 | bfloat16 | float16
     lora: LoRACfg = field(default_factory=LoRACfg)
     grad_checkpointing: bool = False
+    # Full-sequence attention path (ville/attention.py): auto | flex | sdpa | chunked | eager (the reference).
+    attention: str = "auto"
 
 
 @dataclass
@@ -152,6 +154,10 @@ class ModelCfg:
     llm: LLMCfg = field(default_factory=LLMCfg)
     head: HeadCfg = field(default_factory=HeadCfg)
     embed: EmbedCfg = field(default_factory=EmbedCfg)
+    # A PaliGemma (1 or 2) hub id or local folder: the tower, projector, LLM and tokenizer are built from its config
+    # and start from its weights (ville/vlm.py); the recipe's vision/llm architecture keys are then not read, its
+    # other keys (frames, pooling, freezing, dtype, LoRA) are. None: separate towers (vision.name + llm.name/config).
+    init_from_vlm: str | None = None
     max_text_tokens: int = 256  # longer texts are truncated (prompts, captions, targets)
     decode_attention: str = "auto"  # "auto": ville_kernels dispatch (Triton on CUDA); "ref": reference path
     compact_every: int = 1  # drop finished samples every k decode steps (each check syncs with the host)
@@ -241,7 +247,13 @@ class TrainCfg:
     amp: str = "auto"  # "auto": bf16 autocast on CUDA, none on CPU | "bf16" | "none"
     tensorboard: bool = True
     threads: int = 0  # torch CPU threads per process (0: torch's default)
+    # > 0: the caption / retrieval contrastive batch is embedded this many samples at a time by gradient caching
+    # (ville/gradcache.py): the same loss and gradients as 0, with the towers' activation memory of one chunk.
+    contrastive_chunk: int = 0
     inject_nan_at_step: int = -1  # test aid: make the loss of this step NaN
+    # Signals that make every rank save one checkpoint at the same step and exit 0 (schedulers send SIGTERM to the
+    # whole process group; SIGUSR1 is Slurm's usual pre-emption warning, `--signal=USR1@60`). [] keeps the defaults.
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
 
 
 @dataclass

@@ -24,6 +24,7 @@ from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
 
 import ville_kernels
 
+from . import attention
 from .config import LLMCfg, LoRACfg  # noqa: F401  (this stage's config; torch-free home in config.py)
 
 ATTN_NAME = "ville"
@@ -64,10 +65,12 @@ def build_llm(cfg: LLMCfg, vocab_size: int, saved_config_dir: str | None = None)
         model.resize_token_embeddings(vocab_size, mean_resizing=cfg.pretrained)
     register_attention()
     model.config._attn_implementation = ATTN_NAME
+    model.config.ville_attention = attention.check_impl(cfg.attention)
     for sub in model.modules():  # some families copy the config onto sub-modules
         sub_cfg = getattr(sub, "config", None)
         if sub_cfg is not None and hasattr(sub_cfg, "_attn_implementation"):
             sub_cfg._attn_implementation = ATTN_NAME
+            sub_cfg.ville_attention = model.config.ville_attention
     model.config.use_cache = False
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -90,8 +93,10 @@ class AttnState:
     """What the attention function needs besides q/k/v, shared by all layers of one forward call.
 
     full mode: `prefix_lens`, `lens` (B,) per-sample prefix and total valid lengths of the right-padded sequence.
-    decode mode: `rows` (n,) the cache rows of the n active samples, `pos` (n,) where this step's token goes
-    (= its cache length before the step), `step_lens` (B_cache,) cache lengths including this step's token.
+    decode mode: `rows` (n,) the cache rows of the n active samples, `pos` (n,) where this step's (first) token goes
+    (= its cache length before the step), `step_lens` (B_cache,) cache lengths including this step's (first) token.
+    A step may carry s consecutive tokens per sample (query length s): token j goes to pos + j and attends over
+    step_lens + j positions.
     The cache, when present, is one (k, v) pair of `(B_cache, Hkv, L_max, Dh)` per layer, allocated by the first
     (prefill) call that writes into it.
     """
@@ -106,6 +111,7 @@ class AttnState:
     cache_len: int = 0  # L_max of the cache
     decode_impl: str = "auto"  # "auto" (ville_kernels dispatch) | "ref"
     _mask: torch.Tensor | None = None
+    _block_masks: dict | None = None  # FlexAttention masks of this call, per (L, window) (ville/attention.py)
 
     def full_mask(self, L: int, device) -> torch.Tensor:
         """(B, 1, L, L) bool, True = may attend. Key j is visible to query i of sample b iff j is valid and either in
@@ -169,21 +175,33 @@ def ville_attention(module, query, key, value, attention_mask, dropout=0.0, scal
             kc[:, :, :L] = key
             vc[:, :, :L] = value
             state.cache[layer] = (kc, vc)
-        mask = _window_mask(state.full_mask(query.shape[2], query.device), window)
-        out = _full_attention(query, key, value, mask, scaling, softcap, dropout)
+        impl = attention.choose(getattr(module.config, "ville_attention", "auto"), query, softcap, dropout)
+        if impl == "eager":
+            mask = _window_mask(state.full_mask(query.shape[2], query.device), window)
+            out = _full_attention(query, key, value, mask, scaling, softcap, dropout)
+        else:
+            out = attention.prefix_lm_attention(impl, query, key, value, state, scaling, softcap, window, dropout)
         return out.transpose(1, 2).contiguous(), None
     if state.mode != "decode":
         raise ValueError(f"AttnState.mode: expected 'full' or 'decode', got {state.mode!r}")
     kc, vc = state.cache[layer]
-    # Advanced indices separated by a slice put the index dim first: kc[rows, :, pos] is (n, Hkv, Dh).
-    kc[state.rows, :, state.pos] = key[:, :, 0]
-    vc[state.rows, :, state.pos] = value[:, :, 0]
+    s = query.shape[2]  # consecutive new tokens per active sample (their inputs known in advance: embedding steps)
+    if s == 1:
+        # Advanced indices separated by a slice put the index dim first: kc[rows, :, pos] is (n, Hkv, Dh).
+        kc[state.rows, :, state.pos] = key[:, :, 0]
+        vc[state.rows, :, state.pos] = value[:, :, 0]
+    else:
+        cols = state.pos[:, None] + torch.arange(s, device=state.pos.device)  # kc[rows, :, cols] is (n, s, Hkv, Dh)
+        kc[state.rows[:, None], :, cols] = key.transpose(1, 2)
+        vc[state.rows[:, None], :, cols] = value.transpose(1, 2)
     # Looked up on the module at call time (not bound at import) so benchmarks can wrap the op.
     fn = ville_kernels.decode_attention_ref if state.decode_impl == "ref" else ville_kernels.decode_attention
     extra = {"upcast": False} if state.decode_impl == "ref" else {}
-    out = fn(query[:, :, 0], kc, vc, state.step_lens, batch_idx=state.rows, scale=scaling, softcap=softcap,
-             window=window, **extra)
-    return out[:, None].to(query.dtype), None
+    # Token j sees its sample's cache up to and including itself: cache lengths step_lens + j.
+    out = torch.stack([fn(query[:, :, j], kc, vc, state.step_lens + j if j else state.step_lens,
+                          batch_idx=state.rows, scale=scaling, softcap=softcap, window=window, **extra)
+                       for j in range(s)], dim=1)
+    return out.to(query.dtype), None
 
 
 _registered = False

@@ -48,6 +48,8 @@ def contrastive_loss(cfg: LossCfg, per_step: torch.Tensor, text: torch.Tensor, l
                      min_tokens: int = 1, groups: torch.Tensor | None = None) -> torch.Tensor:
     """per_step (B, K, D) video embeddings of every prefix length, text (B, D) -> symmetric InfoNCE (gathered)."""
     steps = _steps(cfg, per_step.shape[1], min_tokens)
+    if torch.is_tensor(logit_scale):  # the model keeps it as a (1,) parameter (FSDP2 shards no 0-d ones)
+        logit_scale = logit_scale.reshape(())
     losses = [gathered_infonce(per_step[:, t], text, logit_scale, groups=groups) for t in steps]
     return torch.stack(losses).mean()
 
@@ -151,16 +153,22 @@ def _key_groups(keys: list[str], device) -> torch.Tensor:
     return torch.tensor([group_id(k) for k in keys], dtype=torch.long, device=device)
 
 
-def multitask_loss(model, batches: dict[str, dict], cfg: LossCfg) -> tuple[torch.Tensor, dict[str, float]]:
+def multitask_loss(model, batches: dict[str, dict], cfg: LossCfg, contrastive_chunk: int = 0,
+                   grad_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
     """One batch per task -> (weighted total, components). Which losses each task feeds:
     caption / detailed_caption: LM + contrastive (+ halting) against the target caption; qa: LM;
     retrieval: contrastive (+ halting); localisation: window-contrastive; matching: BCE; composed: contrastive
     between the composed query (video + edit text) and the edited caption (no halting: its targets describe the
-    source video, not the query)."""
+    source video, not the query).
+
+    `contrastive_chunk` > 0 (`train.contrastive_chunk`): the caption / retrieval contrastive + halting terms go
+    through gradient caching (ville/gradcache.py), the towers run that many samples at a time. Their gradients,
+    times `grad_scale`, are accumulated into `.grad` here, so their value enters the total without gradient; the
+    caller back-propagates the total (times `grad_scale`) for the rest. Same loss and gradients as 0."""
     if cfg.halting_target not in ("rank", "sentences"):
         raise ValueError(f"loss.halting_target: expected 'rank' or 'sentences', got {cfg.halting_target!r}")
     e = model.cfg.embed
-    kmin, scale = e.min_embed_tokens, model.logit_scale.exp()
+    kmin, scale = e.min_embed_tokens, model.logit_scale.exp().squeeze(0)
     total = model.logit_scale.new_zeros(())
     comps: dict[str, float] = {}
     samples = tokens = 0
@@ -171,6 +179,15 @@ def multitask_loss(model, batches: dict[str, dict], cfg: LossCfg) -> tuple[torch
         comps[name] = float(value.detach())
 
     def embed_and_contrast(task, b, text, groups, video=None):
+        nonlocal total
+        if contrastive_chunk > 0:
+            from .gradcache import contrastive_loss_cached
+
+            value, parts = contrastive_loss_cached(model, cfg, b["frames"], list(text), groups, contrastive_chunk,
+                                                   grad_scale)
+            total = total + value  # weighted already; its gradients are in .grad
+            comps.update({f"{k}_{task}": v for k, v in parts.items()})
+            return
         steps = model.video_embed_steps(b["frames"], video=video)
         text_emb = model.text_embed_train(text)
         add(f"contrastive_{task}", cfg.contrastive,

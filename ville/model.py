@@ -21,7 +21,8 @@ generation ended before its first word. Text generation never emits `<emb>`, `<e
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +66,19 @@ class _DecodeSession:
     """Prefill once, then decode one token per active sample per step, dropping finished samples.
 
     CPU: finished samples are removed by physically compacting the caches (one gather per layer when the active set
-    shrinks). CUDA: caches stay put and the attention kernel reads each active sample's rows through `batch_idx`."""
+    shrinks). CUDA: caches stay put and the attention kernel reads each active sample's rows through `batch_idx`.
+
+    `chunk_tokens`: embedding steps all take the same input vector, so a forward may run s consecutive steps of each
+    active sample at once (s = ceil(chunk_tokens / active rows)); a sample that stops inside the chunk wastes the
+    rest of it. A decode forward costs a + b * tokens, and with few rows the fixed part a (every weight read once,
+    Python per layer) dominates: hidden 768, 6 layers, 1 thread of the 2-core VM, 24 ms at 1 row, 53 at 32,
+    so a ~ 23 rows' worth of b. With that cost model the benchmark's stop schedules (bench/bench_decode.py, batch 32)
+    reach 0.83 / 0.83 of the ideal max/mean speed-up at 24 tokens per forward (short / mixed; 0.79 / 0.52 at one
+    step per forward). More tokens per forward than active rows at the first step would waste tokens of samples that
+    stop there, so chunk_tokens stays near a/b rather than above the batch (docs/design.md). Steps before
+    min_embed_tokens cannot stop and always share a forward. Text generation decodes one token at a time."""
+
+    chunk_tokens = 24
 
     def __init__(self, model: "ViLLE", embeds, prefix_lens, lens, max_new: int):
         self.model = model
@@ -79,13 +92,17 @@ class _DecodeSession:
         self.cache_rows = self.active.clone()  # cache row of each active sample
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
-        """x (n, H) input embeddings of the n active samples -> (n, H) last hidden states."""
+        """x (n, H) input embeddings of the n active samples -> (n, H) last hidden states; or x (n, s, H), s
+        consecutive tokens per sample in one forward -> (n, s, H)."""
+        tokens = x if x.dim() == 3 else x[:, None]
         rows = self.cache_rows
-        st = AttnState("decode", rows=rows, pos=self.cache_lens[rows], step_lens=self.cache_lens + 1,
+        pos = self.cache_lens[rows]
+        st = AttnState("decode", rows=rows, pos=pos, step_lens=self.cache_lens + 1,
                        cache=self.state.cache, cache_len=self.state.cache_len, decode_impl=self.state.decode_impl)
-        h = self.model._decoder_forward(x[:, None], st, position_ids=self.cache_lens[rows][:, None])[:, 0]
-        self.cache_lens[rows] += 1
-        return h
+        offsets = torch.arange(tokens.shape[1], device=pos.device)
+        h = self.model._decoder_forward(tokens, st, position_ids=pos[:, None] + offsets)
+        self.cache_lens[rows] += tokens.shape[1]
+        return h if x.dim() == 3 else h[:, 0]
 
     def keep(self, keep: torch.Tensor) -> None:
         """Keep only the active samples where `keep` (n,) is True."""
@@ -99,9 +116,23 @@ class _DecodeSession:
         self.cache_rows = rows
 
 
+def _scalars_to_vectors(module, state_dict, prefix, *args) -> None:
+    """Load-time compatibility: `logit_scale` / `stop_motion` were 0-d before they became (1,) for FSDP2."""
+    for name in ("logit_scale", "stop_motion"):
+        value = state_dict.get(prefix + name)
+        if torch.is_tensor(value) and value.dim() == 0:
+            state_dict[prefix + name] = value.reshape(1)
+
+
 class ViLLE(nn.Module):
     def __init__(self, cfg: ModelCfg, tokenizer=None, _saved_llm_config: str | None = None):
         super().__init__()
+        vlm = None
+        if cfg.init_from_vlm and _saved_llm_config is None:  # a saved ville model brings its own architecture
+            from .vlm import VLMCheckpoint
+
+            vlm = VLMCheckpoint(cfg.init_from_vlm)
+            cfg = vlm.resolve(cfg)
         self.cfg = cfg
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.llm.tokenizer)
         self.vision = VisionTower(cfg.vision)
@@ -113,11 +144,14 @@ class ViLLE(nn.Module):
         init = llm.get_input_embeddings().weight.detach()
         self.emb_query = nn.Parameter(init[self.tokenizer.convert_tokens_to_ids(EMB_TOKEN)].clone().float())
         self.match_query = nn.Parameter(init.float().mean(0) + 0.02 * torch.randn(self.hidden))
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.embed.init_temperature)))
+        # One-element vectors, not scalars: FSDP2 shards every parameter along dim 0 and refuses 0-d ones. Files
+        # written while they were scalars still load (`_scalars_to_vectors`).
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / cfg.embed.init_temperature)))
         self.stop_step_bias = nn.Parameter(torch.zeros(cfg.embed.max_embed_tokens))
         if cfg.embed.stop_motion and not cfg.vision.motion:
             raise ValueError("model.embed.stop_motion: needs model.vision.motion: true (it reads the change channels)")
-        self.stop_motion = nn.Parameter(torch.zeros(())) if cfg.embed.stop_motion else None
+        self.stop_motion = nn.Parameter(torch.zeros(1)) if cfg.embed.stop_motion else None
+        self.register_load_state_dict_pre_hook(_scalars_to_vectors)
         self.llm = apply_lora(llm, cfg.llm.lora) if cfg.llm.lora.enabled else llm
         ids = self.tokenizer
         self.bos_id = ids.bos_token_id if ids.bos_token_id is not None else ids.eos_token_id
@@ -127,6 +161,8 @@ class ViLLE(nn.Module):
         self.eoe_id = ids.convert_tokens_to_ids(EOE_TOKEN)
         self.embed_mode_ids = [ids.convert_tokens_to_ids(t) for t in EMBED_MODE_TOKENS]
         self._llm_dtype = llm.get_input_embeddings().weight.dtype
+        if vlm is not None:
+            vlm.load_into(self)
 
     # ------------------------------------------------------------------------------------------- construction
     @classmethod
@@ -134,6 +170,16 @@ class ViLLE(nn.Module):
         from .config import load_section
 
         return cls(load_section(path, "model", ModelCfg, overrides))
+
+    @classmethod
+    def from_vlm(cls, source: str, cfg: ModelCfg | None = None) -> "ViLLE":
+        """Start from a PaliGemma 1/2 checkpoint (hub id or local folder; ville/vlm.py): its tower, projector, LLM
+        and tokenizer. `cfg` supplies everything else (frames, pooling, heads, LoRA; default: ModelCfg's) and may
+        name a recipe's fallback tokenizer for checkpoints without one."""
+        from .config import ProjectorCfg
+
+        cfg = ModelCfg(projector=ProjectorCfg(kind="linear")) if cfg is None else cfg
+        return cls(replace(cfg, init_from_vlm=source))
 
     @property
     def device(self) -> torch.device:
@@ -331,22 +377,29 @@ class ViLLE(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         query = self.emb_query.to(self._llm_dtype)
         every = max(1, self.cfg.compact_every)
-        for t in range(K):
+        schedule = None if stop_schedule is None else stop_schedule.to(self.device)
+        t = 0
+        while t < K:
             act = sess.active
-            h = sess.step(query[None].expand(act.numel(), -1))
-            s = self.stop_logit(h, step=t, energy=None if energy is None else energy[act])
-            live = ~done[act]  # rows kept alive only until the next compaction do not record anything
-            states[act[live], t] = h[live]
-            stop_probs[act[live], t] = torch.sigmoid(s[live])
-            if stop_schedule is not None:
-                stopping = live & (stop_schedule.to(act.device)[act] <= t + 1)
-            else:
-                stopping = live & (s > thr) if t + 1 >= kmin else torch.zeros_like(live)
-            num[act[stopping]] = t + 1
-            done[act[stopping]] = True
-            if t + 1 == K:
+            # Several steps per forward while few rows are active (_DecodeSession.chunk_tokens); the compaction
+            # check runs after a chunk that reached or passed a multiple of compact_every.
+            chunk = min(K - t, max(-(-sess.chunk_tokens // act.numel()), kmin - t if stop_schedule is None else 1))
+            h = sess.step(query.expand(act.numel(), chunk, -1))
+            for j in range(chunk):
+                s = self.stop_logit(h[:, j], step=t, energy=None if energy is None else energy[act])
+                live = ~done[act]  # rows kept alive only until the next compaction do not record anything
+                states[act[live], t] = h[live, j]
+                stop_probs[act[live], t] = torch.sigmoid(s[live])
+                if schedule is not None:
+                    stopping = live & (schedule[act] <= t + 1)
+                else:
+                    stopping = live & (s > thr) if t + 1 >= kmin else torch.zeros_like(live)
+                num[act[stopping]] = t + 1
+                done[act[stopping]] = True
+                t += 1
+            if t == K:
                 break
-            if (t + 1) % every == 0:
+            if t // every > (t - chunk) // every:
                 keep = ~done[act]
                 if not bool(keep.all()):
                     if not bool(keep.any()):
@@ -434,11 +487,32 @@ class ViLLE(nn.Module):
                 for o in out]
 
     # ----------------------------------------------------------------------------------------- save / load
-    def save_pretrained(self, path: str) -> None:
-        save_model(self, path)
+    def save_pretrained(self, path: str, eval_results: list[str] = ()) -> None:
+        """safetensors + config.yaml/config.json + LLM config + tokenizer + model card (README.md; `eval_results`:
+        `python -m ville.eval --out` files for its table)."""
+        save_model(self, path, eval_results)
+
+    def save_adapter(self, path: str, base: str) -> None:
+        """LoRA model -> adapter folder (peft LoRA + the other trained weights + a reference to `base`; merge.py)."""
+        from .merge import save_adapter
+
+        save_adapter(self, path, base)
+
+    def push_to_hub(self, repo_id: str, eval_results: list[str] = (), private: bool = False,
+                    token: str | None = None) -> str:
+        """Save to a temporary folder and upload it as hub model `repo_id` (huggingface_hub's upload API)."""
+        import tempfile
+
+        from .hub import push_folder
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = os.path.join(tmp, repo_id.split("/")[-1])
+            self.save_pretrained(folder)
+            return push_folder(folder, repo_id, eval_results, private=private, token=token)
 
     @classmethod
     def from_pretrained(cls, path: str, map_location: str = "cpu") -> "ViLLE":
+        """A saved folder, a run's out_dir (its final/), an adapter folder (onto its base), or a hub id."""
         return load_model(cls, path, map_location)
 
     def load_weights(self, path: str, strict: bool = False):

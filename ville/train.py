@@ -26,12 +26,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("recipe")
     ap.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.max_steps=10")
     ap.add_argument("--dry-run", action="store_true", help="build model + optimizer on the meta device and exit")
+    ap.add_argument("--estimate-memory", type=int, nargs="?", const=8, metavar="GPUS",
+                    help="print the per-GPU peak memory of one training step and of embedding at the recipe's "
+                         "batch sizes, traced on fake tensors (ville/memory.py), split over GPUS ranks (default 8)")
     args = ap.parse_intermixed_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.estimate_memory is not None:
+        from . import memory
+
+        return memory.main([args.recipe, *args.overrides, "--gpus", str(args.estimate_memory)])
     from . import distributed
     from .trainer import NonFiniteLoss, dry_run, train
 

@@ -1,17 +1,22 @@
-"""Training from the real tiny recipe files: every stage trains, exact resume after kill -9 and SIGTERM, a
-non-finite loss stops cleanly, bad recipes fail naming key and file, 2 gloo processes match 1 process."""
+"""Training from the real tiny recipe files: every stage trains, exact resume after kill -9 and after a stop signal
+sent to the whole process group (1 process, and 2 gloo processes under torchrun), a non-finite loss or gradient stops
+before saving blown-up weights, a corrupted newest checkpoint falls back to the previous one, data with nothing usable
+is one error line, bad recipes fail naming key and file, 2 gloo processes match 1 process."""
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 
+from ville import trainer
 from ville.train import load_recipe, main
 
 # Small and fast, but the real recipe files: fewer frames and embedding steps, tiny batches.
@@ -92,6 +97,10 @@ def test_progress_bar_shows_the_step_just_taken(synth, tmp_path, monkeypatch):
     assert shown == [f"{loss:.4f}" for loss in losses(out).values()]
 
 
+def checkpoints(out_dir) -> list[str]:
+    return sorted(n for n in os.listdir(os.path.join(out_dir, "checkpoints")) if n.endswith(".pt"))
+
+
 def _run(args, **kw):
     return subprocess.Popen([sys.executable, "-m", "ville.train", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
@@ -110,11 +119,17 @@ def _wait_for_step(out_dir, step, proc, timeout=240):
 
 
 @pytest.fixture(scope="module")
-def reference_run(synth, tmp_path_factory):
+def reference_dir(synth, tmp_path_factory):
+    """An uninterrupted 6-step run; its folder keeps the checkpoints of steps 4 and 6."""
     out = tmp_path_factory.mktemp("ref")
     ov = overrides("recipes/tiny/stage1.yaml", synth, out, train__max_steps=6, train__save_every=2)
     assert main(["recipes/tiny/stage1.yaml", *ov]) == 0
-    return losses(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_run(reference_dir):
+    return losses(reference_dir)
 
 
 def test_kill9_then_resume_is_exact(synth, tmp_path, reference_run):
@@ -133,22 +148,53 @@ def test_kill9_then_resume_is_exact(synth, tmp_path, reference_run):
     assert losses(out) == reference_run  # bit-identical loss curve, every step
 
 
-def test_sigterm_saves_and_resumes(synth, tmp_path, reference_run):
+def test_process_group_sigterm_saves_and_resumes(synth, tmp_path, reference_run):
+    """kill -TERM -- -PGID, as Slurm, Kubernetes and timeout send it: the DataLoader worker (same group) ignores it,
+    the main process saves once, shuts the worker down and exits 0; the resumed curve is bit-identical."""
     out = tmp_path / "run"
+    # 1 worker: the same stream as 0 workers (the reference), and a worker process in the group to be signalled
     args = ["recipes/tiny/stage1.yaml", *overrides("recipes/tiny/stage1.yaml", synth, out, train__max_steps=6,
-                                                   train__save_every=100)]
-    proc = _run(args)
+                                                   train__save_every=100, data__num_workers=1)]
+    proc = _run(args, start_new_session=True)  # its own process group, as a batch job has
     _wait_for_step(out, 1, proc)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
-    assert "SIGTERM: saved a checkpoint" in err
-    saved = sorted(os.listdir(out / "checkpoints"))
-    assert len(saved) == 1 and not (out / "final").exists()
+    assert re.search(r"SIGTERM: saved a checkpoint at step [1-5] ", err) and "Traceback" not in err, err[-2000:]
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):  # nothing of the group is left: the worker was shut down
+        os.killpg(proc.pid, 0)
+    assert len(checkpoints(out)) == 1 and not (out / "final").exists()
     proc = _run(args)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
     assert losses(out) == reference_run
+    record = json.loads(open(out / "metrics.jsonl").readline())
+    assert record["skipped_samples"] == record["skip_encounters"] == 0
+
+
+@pytest.mark.parametrize("name", ["SIGUSR1", "SIGINT"])
+def test_other_stop_signals_save_at_the_next_step(synth, tmp_path, monkeypatch, capsys, name):
+    sig = getattr(signal, name)
+    log = trainer.Logger.log
+
+    def log_then_signal(self, step, record):  # the signal arrives while step 2 is being logged
+        log(self, step, record)
+        if step == 2:
+            os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(trainer.Logger, "log", log_then_signal)
+    out = tmp_path / "run"
+    ov = overrides("recipes/tiny/stage1.yaml", synth, out, train__max_steps=6, train__save_every=100)
+    assert main(["recipes/tiny/stage1.yaml", *ov]) == 0
+    assert f"{sig.name}: saved a checkpoint at step 3" in capsys.readouterr().err
+    assert checkpoints(out) == ["step-00000003.pt"] and not (out / "final").exists()
+    assert signal.getsignal(sig) is not None  # the caller's handler is back
+
+
+def test_unknown_stop_signal(capsys):
+    assert main(["recipes/tiny/stage1.yaml", "train.stop_signals=[SIGTERM,SIGNOPE]"]) == 2
+    assert "train.stop_signals: 'SIGNOPE'" in capsys.readouterr().err
 
 
 def test_nonfinite_loss_stops_and_keeps_checkpoint(synth, tmp_path, capsys):
@@ -158,8 +204,62 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(synth, tmp_path, capsys):
     assert main(["recipes/tiny/stage1.yaml", *ov]) == 3
     err = capsys.readouterr().err
     assert "non-finite loss" in err and "at step 4" in err
-    assert sorted(os.listdir(out / "checkpoints")) == ["step-00000002.pt"]
+    assert checkpoints(out) == ["step-00000002.pt"]
+    assert f"Last good checkpoint: {out}/checkpoints/step-00000002.pt" in err
     assert not (out / "final").exists()
+
+
+def test_blown_up_weights_are_never_saved(synth, tmp_path, capsys):
+    """lr 1e6: step 1's weights are ~5e5, step 2's gradient is NaN. The run stops there, before the optimizer
+    applies it, and every checkpoint on disk is finite, parameters and optimizer state (one is saved each step)."""
+    out = tmp_path / "run"
+    ov = overrides("recipes/tiny/stage1.yaml", synth, out, train__max_steps=6, train__save_every=1, optim__lr=1e6)
+    assert main(["recipes/tiny/stage1.yaml", *ov]) == 3
+    err = capsys.readouterr().err
+    assert "non-finite gradient norm" in err and "at step 2" in err
+    assert f"Last good checkpoint: {out}/checkpoints/step-00000001.pt" in err
+    assert checkpoints(out) == ["step-00000001.pt"]
+    state = torch.load(out / "checkpoints" / "step-00000001.pt", weights_only=True)
+    tensors = list(state["model"].values()) + [t for s in state["optimizer"]["state"].values() for t in s.values()]
+    assert all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+
+
+def test_corrupt_newest_checkpoint_falls_back(synth, reference_dir, reference_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copytree(reference_dir / "checkpoints", out / "checkpoints")
+    shutil.copy(reference_dir / "metrics.jsonl", out / "metrics.jsonl")
+    newest = out / "checkpoints" / "step-00000006.pt"
+    with open(newest, "r+b") as f:  # one flipped byte mid-file: same size, different checksum
+        f.seek(os.path.getsize(newest) // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x01]))
+    ov = overrides("recipes/tiny/stage1.yaml", synth, out, train__max_steps=6, train__save_every=2)
+    assert main(["recipes/tiny/stage1.yaml", *ov]) == 0
+    err = capsys.readouterr().err
+    warnings = [ln for ln in err.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and str(newest) in warnings[0] and "SHA-256" in warnings[0]
+    assert "at step 4" in err
+    assert losses(out) == reference_run  # steps 5 and 6 recomputed from step 4, bit-identical
+
+
+def test_nothing_usable_is_one_error_line(tmp_path, capsys):
+    sys.path.insert(0, os.path.dirname(__file__))
+    import fixtures as F
+
+    nocap = F.write_shard(str(tmp_path / "nocap-000000.tar"), [(f"n{i}", {"mp4": b"x", "json": {"duration": 1}})
+                                                               for i in range(4)])
+    empty = F.write_shard(str(tmp_path / "empty-000000.tar"), [])
+    ov = [f"data.train_shards={tmp_path}/*.tar", f"train.out_dir={tmp_path / 'run'}", "train.tasks.caption=2",
+          "train.max_steps=2", *FAST]
+    assert main(["recipes/tiny/stage1.yaml", *ov]) == 2
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if "error" in ln.lower()]
+    assert len(errors) == 1 and errors[0].startswith("error: no usable caption sample"), err
+    assert nocap in errors[0] and "missing key: 4 distinct" in errors[0]
+    assert empty in errors[0] and "empty shard: 1 distinct" in errors[0]
+    assert "Traceback" not in err
 
 
 def test_typo_key_fails_naming_key_and_file(capsys):
@@ -181,26 +281,62 @@ def test_bad_value_in_file(tmp_path, capsys):
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_real_recipes_dry_run(stage, capsys):
-    off = ["model.vision.pretrained=false", "model.llm.pretrained=false", "model.llm.tokenizer=builtin"]
+    off = ["model.init_from_vlm=null", "model.vision.pretrained=false", "model.llm.pretrained=false",
+           "model.llm.tokenizer=builtin"]
     assert main([f"recipes/stage{stage}.yaml", "--dry-run", *off]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["parameters"] > 2e9 and report["trainable"] > 0
 
 
-def test_two_gloo_processes_match_one(synth, tmp_path):
+def test_two_gloo_processes_match_one_through_a_signal(synth, tmp_path):
     """Same global batch, 1 process vs torchrun with 2 (gloo): the same loss curve. Contrastive negatives are
-    gathered across ranks with gradient, so this also checks the distributed loss and its gradients."""
+    gathered across ranks with gradient, so this also checks the distributed loss and its gradients. The 2-process run
+    is signalled through its process group mid-run (torchrun and both ranks get SIGTERM; torchrun then signals the
+    ranks' groups again): both ranks stop at the same step, one checkpoint is saved, and the resumed run continues
+    the same curve."""
     one, two = tmp_path / "one", tmp_path / "two"
-    common = dict(train__max_steps=3, train__save_every=100)
+    common = dict(train__max_steps=8, train__save_every=100)
     assert main(["recipes/tiny/stage1.yaml", *overrides("recipes/tiny/stage1.yaml", synth, one, batch=4,
                                                         **common)]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29731",
            "-m", "ville.train", "recipes/tiny/stage1.yaml",
            *overrides("recipes/tiny/stage1.yaml", synth, two, batch=4, **common)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    _wait_for_step(two, 1, proc, timeout=300)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    saved = re.findall(r"SIGTERM: saved a checkpoint at step (\d+)", err)
+    assert len(saved) == 1 and int(saved[0]) < 8, err[-3000:]  # rank 0 reports; both ranks took part in the save
+    assert checkpoints(two) == [f"step-{int(saved[0]):08d}.pt"] and not (two / "final").exists()
+    # torchrun itself ends with its own SignalException traceback (torch's behaviour); no rank may fail
+    assert err.count("Traceback") == 1 and "ChildFailedError" not in err and "exitcode" not in err, err[-3000:]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr
     a, b = losses(one), losses(two)
-    assert a.keys() == b.keys() == {1, 2, 3}
+    assert a.keys() == b.keys() == set(range(1, 9))
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=1e-4, abs=1e-5), (step, a, b)
+
+
+def test_contrastive_chunk_gives_the_same_run(synth, tmp_path, reference_run):
+    """train.contrastive_chunk (gradient caching of the caption contrastive + halting terms): the same loss curve as
+    the plain run, in one process (chunks of 1 of a batch of 2) and in 2 gloo processes (its gradients reduced by
+    hand, past the DDP wrapper)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    ov = overrides("recipes/tiny/stage1.yaml", synth, one, train__max_steps=6, train__save_every=2,
+                   train__contrastive_chunk=1)
+    assert main(["recipes/tiny/stage1.yaml", *ov]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29735",
+           "-m", "ville.train", "recipes/tiny/stage1.yaml",
+           *overrides("recipes/tiny/stage1.yaml", synth, two, train__max_steps=6, train__save_every=2,
+                      train__contrastive_chunk=1)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for run in (losses(one), losses(two)):
+        assert run.keys() == reference_run.keys()
+        for step in run:
+            assert run[step] == pytest.approx(reference_run[step], rel=1e-5), (step, run, reference_run)
