@@ -22,14 +22,19 @@ def is_hub_id(path: str) -> bool:
     return not os.path.exists(path) and bool(_HUB_ID.match(path))
 
 
-def download(repo_id: str, revision: str | None = None) -> str:
-    """The local snapshot folder of a hub model repository (huggingface_hub's cache)."""
+def download(repo_id: str, revision: str | None = None, allow_patterns: list[str] | None = None,
+             key: str | None = None) -> str:
+    """The local snapshot folder of a hub model repository (huggingface_hub's cache), only the files matching
+    `allow_patterns` if given. A failure is one ValueError line naming the repository (and the recipe `key`)."""
     import huggingface_hub
 
     try:
-        return huggingface_hub.snapshot_download(repo_id, revision=revision)
-    except Exception as e:  # offline, private, typo'd: one line naming the repository
+        return huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns)
+    except Exception as e:  # offline, gated, private, typo'd id
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if key:
+            raise ValueError(f"{key}: could not fetch {repo_id!r} from the hub (a local folder or hub id expected; "
+                             f"{type(e).__name__}: {first})") from e
         raise ValueError(f"{repo_id}: not a local folder, and the hub has no model there ({type(e).__name__}: "
                          f"{first})") from e
 

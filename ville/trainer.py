@@ -112,10 +112,13 @@ def _stop_signals(names: list[str]) -> list[signal.Signals]:
 
 
 def _finite_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> bool:
-    """Parameters and every floating optimizer state tensor are finite (one check per tensor, no copies)."""
+    """Parameters and every floating optimizer state tensor are finite (no copies; one host sync for all of them)."""
     tensors = [p for p in model.parameters()] + [t for s in optimizer.state.values() for t in s.values()
                                                  if torch.is_tensor(t) and t.is_floating_point()]
-    return all(bool(torch.isfinite(distributed.local(t)).all()) for t in tensors)  # FSDP2: this rank's shards
+    if not tensors:
+        return True
+    # FSDP2: this rank's shards
+    return bool(torch.stack([torch.isfinite(distributed.local(t)).all() for t in tensors]).all())
 
 
 # ------------------------------------------------------------------------------------------------ fail fast

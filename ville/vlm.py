@@ -59,14 +59,9 @@ def _fetch(source: str, patterns: list[str]) -> str:
         return source
     if os.path.exists(source):
         raise ValueError(f"model.init_from_vlm: {source!r} is a file; expected a checkpoint folder or a hub id")
-    from huggingface_hub import snapshot_download
+    from .hub import download
 
-    try:
-        return snapshot_download(source, allow_patterns=patterns)
-    except Exception as e:  # offline, gated, typo'd id: one line naming the source
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"model.init_from_vlm: could not fetch {source!r} from the hub (a local folder or hub id "
-                         f"expected; {type(e).__name__}: {first})") from e
+    return download(source, allow_patterns=patterns, key="model.init_from_vlm")
 
 
 def vision_arch(vc) -> tuple[str, dict]:
