@@ -3,7 +3,11 @@
 Providers
     naive    open_clip's ClipLoss: logits = s * q @ p.T, cross-entropy both ways (materialises N x M)
     chunked  ville_kernels.fused_infonce on its PyTorch path (VILLE_KERNELS=torch): row chunks, O(chunk * M) memory
-    triton   ville_kernels.fused_infonce on CUDA (the Triton kernels)
+    triton_atomic  ville_kernels.fused_infonce on CUDA (the Triton kernels), backward VILLE_INFONCE_BWD=atomic: one
+             pass, each tile multiplied into dq / dp with fp32 atomics
+    triton_gemm    the same forward, backward VILLE_INFONCE_BWD=gemm: a recompute kernel writes G in row chunks
+             (bf16/fp16, fp32 for fp32 inputs), then dq = G @ p and dp += G^T @ q on cuBLAS (infonce_gemm.py);
+             `--providers triton` means both, so the first GPU run shows which backward wins
     csrc     the native CPU kernels (csrc/, ville_kernels._C) through their custom op; CPU only, needs the build
     inf_cl   Inf-CL's cal_flash_loss if the `inf_cl` package is importable; its symmetric loss is two
              one-directional calls (the similarity is computed twice), on fp32 copies of the inputs
@@ -12,9 +16,11 @@ Usage
     python bench/bench_infonce.py                        # GPU: N=M in {4k,16k,64k,256k}, D in {512,1024}, bf16
                                                          # CPU: N=M in {1k,4k}, D=256, fp32
     python bench/bench_infonce.py --sizes 2k,8k --dims 128 --dtype fp32 --quick
+    python bench/bench_infonce.py --providers triton --gemm-chunk-mb 1024     # both backwards, 1 GB G chunks
 
 FLOP rule: one similarity pass is 2*N*M*D. Forward counts 1 pass (the symmetric loss shares it), forward+backward
-counts 4 (forward 1, backward 3: recomputation, dq, dp), whatever a provider actually executes.
+counts 4 (forward 1, backward 3: recomputation, dq, dp), whatever a provider actually executes; "bwd" is fwd+bwd
+minus fwd (3 passes).
 Memory: on CUDA torch.cuda.max_memory_allocated() during the call minus what was allocated before it (inputs);
 on CPU the growth of the process's peak RSS during one call (peak mark reset with /proc/self/clear_refs, then
 VmHWM minus the RSS before the call), in a fresh subprocess per provider and size.
@@ -22,6 +28,7 @@ VmHWM minus the RSS before the call), in a fresh subprocess per provider and siz
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -37,7 +44,7 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # `bench/` is not a package; make `ville_kernels` importable from a source checkout too
 
-from ville_kernels import fused_infonce, native  # noqa: E402
+from ville_kernels import fused_infonce, infonce_gemm, native  # noqa: E402
 from ville_kernels.infonce import _infonce_op  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -50,20 +57,37 @@ def naive_loss(q, p, s):
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
-def chunked_loss(q, p, s):
-    previous = os.environ.get("VILLE_KERNELS")
-    os.environ["VILLE_KERNELS"] = "torch"  # read at each call by ville_kernels.dispatch
-    try:
-        return fused_infonce(q, p, s)
-    finally:
-        if previous is None:
-            del os.environ["VILLE_KERNELS"]
+class _Env:
+    """Set one environment variable for the duration of a `with` block (ville_kernels reads them at each call)."""
+
+    def __init__(self, name, value):
+        self.name, self.value = name, value
+
+    def __enter__(self):
+        self.previous = os.environ.get(self.name)
+        os.environ[self.name] = self.value
+
+    def __exit__(self, *exc):
+        if self.previous is None:
+            del os.environ[self.name]
         else:
-            os.environ["VILLE_KERNELS"] = previous
+            os.environ[self.name] = self.previous
 
 
-def triton_loss(q, p, s):
-    return fused_infonce(q, p, s)
+def chunked_loss(q, p, s):
+    with _Env("VILLE_KERNELS", "torch"):
+        return fused_infonce(q, p, s)
+
+
+class _TritonLoss:
+    """fused_infonce on the Triton kernels with the given backward provider: `step` sets `env` around forward and
+    backward (VILLE_INFONCE_BWD is read when the backward runs)."""
+
+    def __init__(self, backward_provider):
+        self.env = ("VILLE_INFONCE_BWD", backward_provider)
+
+    def __call__(self, q, p, s):
+        return fused_infonce(q, p, s)
 
 
 def csrc_loss(q, p, s):
@@ -84,8 +108,9 @@ def inf_cl_loss(q, p, s):
     return 0.5 * (cal_flash_loss(q, p, scale=s).mean() + cal_flash_loss(p, q, scale=s).mean())
 
 
-PROVIDERS = {"naive": naive_loss, "chunked": chunked_loss, "triton": triton_loss, "csrc": csrc_loss,
-             "inf_cl": inf_cl_loss}
+PROVIDERS = {"naive": naive_loss, "chunked": chunked_loss, "triton_atomic": _TritonLoss("atomic"),
+             "triton_gemm": _TritonLoss("gemm"), "csrc": csrc_loss, "inf_cl": inf_cl_loss}
+ALIASES = {"triton": ["triton_atomic", "triton_gemm"]}
 
 
 def parse_size(text: str) -> int:
@@ -106,9 +131,10 @@ def make_inputs(n, d, dtype, device, seed=0):
 def step(fn, q, p, s, backward):
     """One call. Forward runs with grad-enabled inputs, as in training (what a provider saves for backward counts)."""
     q.grad = p.grad = s.grad = None
-    loss = fn(q, p, s)
-    if backward:
-        loss.backward()
+    with _Env(*fn.env) if hasattr(fn, "env") else contextlib.nullcontext():
+        loss = fn(q, p, s)
+        if backward:
+            loss.backward()
     return loss
 
 
@@ -253,13 +279,19 @@ def main():
     parser.add_argument("--sizes", default="4k,16k,64k,256k" if cuda else "1k,4k", help="N = M values, e.g. 4k,16k")
     parser.add_argument("--dims", default="512,1024" if cuda else "256", help="D values")
     parser.add_argument("--dtype", default="bf16" if cuda else "fp32", choices=sorted(DTYPES))
-    parser.add_argument("--providers", default="naive,chunked,triton,csrc,inf_cl")
+    parser.add_argument("--providers", default="naive,chunked,triton,csrc,inf_cl",
+                        help=f"comma list of {', '.join(PROVIDERS)}; triton = triton_atomic,triton_gemm")
+    parser.add_argument("--gemm-chunk-mb", type=int, default=None,
+                        help=f"triton_gemm: memory budget of one G chunk (default "
+                             f"{infonce_gemm.GEMM_CHUNK_BYTES >> 20} MB)")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, no memory subprocesses on CPU")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions on CPU (median)")
     parser.add_argument("--threads", type=int, default=None, help="CPU: torch threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.gemm_chunk_mb:
+        infonce_gemm.GEMM_CHUNK_BYTES = args.gemm_chunk_mb << 20
 
     device = torch.device("cuda" if cuda else "cpu")
     dtype = DTYPES[args.dtype]
@@ -276,10 +308,15 @@ def main():
     print(f"# memory: {mem_label}")
     print(f"# torch threads: {torch.get_num_threads()}; 'x naive': the naive provider's fwd+bwd ms over this one's")
 
+    print(f"# triton_gemm: G chunks of at most {infonce_gemm.GEMM_CHUNK_BYTES >> 20} MB; 'bwd' = fwd+bwd - fwd")
     providers = []
-    for name in args.providers.split(","):
-        if name == "triton" and not cuda:
-            print("# triton: skipped (CUDA only here; TRITON_INTERPRET=1 runs it on CPU for tests, not for timing)")
+    names = [n for name in args.providers.split(",") for n in ALIASES.get(name, [name])]
+    unknown = [n for n in names if n not in PROVIDERS]
+    if unknown:
+        parser.error(f"--providers: unknown {', '.join(unknown)} (choose from {', '.join(PROVIDERS)}, triton)")
+    for name in names:
+        if name.startswith("triton") and not cuda:
+            print(f"# {name}: skipped (CUDA only here; TRITON_INTERPRET=1 runs it on CPU for tests, not for timing)")
             continue
         if name == "csrc" and (cuda or not native.LOADED):
             print(f"# csrc: skipped ({'CPU only' if cuda else 'extension not built: ' + native.LOAD_ERROR})")
@@ -292,8 +329,8 @@ def main():
         providers.append(name)
 
     print("\n| N=M | D | provider | fwd ms | fwd TFLOP/s | fwd % peak | fwd MB | fwd+bwd ms | fwd+bwd TFLOP/s "
-          "| fwd+bwd % peak | fwd+bwd MB | x naive |")
-    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| fwd+bwd % peak | fwd+bwd MB | bwd ms | bwd TFLOP/s | bwd % peak | x naive |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in sizes:
         for d in dims:
             q, p, s = make_inputs(n, d, dtype, device)
@@ -303,7 +340,7 @@ def main():
                 if name == "naive":
                     fits, reason = naive_fits(n, d, dtype, device)
                     if not fits:
-                        print(f"| {n} | {d} | {name} | {reason} |||||||")
+                        print(f"| {n} | {d} | {name} | {reason} ||||||||||")
                         continue
                 fn = PROVIDERS[name]
                 cells = []
@@ -319,11 +356,14 @@ def main():
                     measured = cpu_peak_mb(name, n, d, dtype)
                     mem = [measured["fwd"], measured["fwdbwd"]]
                 (f_ms, f_tf, f_pc), (b_ms, b_tf, b_pc) = cells
+                bwd_ms = b_ms - f_ms
+                bwd_tf = 3 * flops / (bwd_ms * 1e-3) / 1e12 if bwd_ms > 0 else float("nan")
                 f_mb, b_mb = ("n/a" if mb != mb else f"{mb:.0f}" for mb in mem)  # NaN: not measured
                 naive_ms = b_ms if name == "naive" else naive_ms
                 ratio = f"{naive_ms / b_ms:.2f}" if naive_ms else "-"
                 print(f"| {n} | {d} | {name} | {f_ms:.1f} | {f_tf:.3f} | {f_pc:.0f}% | {f_mb} | {b_ms:.1f} "
-                      f"| {b_tf:.3f} | {b_pc:.0f}% | {b_mb} | {ratio} |", flush=True)
+                      f"| {b_tf:.3f} | {b_pc:.0f}% | {b_mb} | {bwd_ms:.1f} | {bwd_tf:.3f} | {100 * bwd_tf / peak:.0f}% "
+                      f"| {ratio} |", flush=True)
             del q, p, s
             if cuda:
                 torch.cuda.empty_cache()

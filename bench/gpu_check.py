@@ -81,6 +81,7 @@ stub.fixture, stub.importorskip, stub.raises, stub.skip, stub.fail = (_fixture, 
 sys.modules["pytest"] = stub
 import torch
 import test_infonce as ti
+import test_infonce_gemm_bwd as tg
 import test_decode_attention as td
 
 class Patch:
@@ -98,6 +99,7 @@ class Patch:
                 setattr(key[0], key[1], old)
 
 cases = [("infonce " + c.id, lambda p, c=c: ti.test_triton_cuda(c, p)) for c in ti.CUDA_CASES]
+cases += [("infonce gemm backward " + c.id, lambda p, c=c: tg.test_gemm_provider_cuda(c, p)) for c in tg.CUDA_CASES]
 decode = [m for m in td.test_cuda.pytestmark if m.name == "parametrize"]
 values = {m.args[0]: m.args[1] for m in decode}
 for c in values["c"]:
@@ -130,6 +132,7 @@ def steps(dry_run: bool) -> list[tuple[str, list[str], int]]:
     the 8-minute budget."""
     py = sys.executable
     tests = ["tests/kernels/test_infonce.py::test_triton_cuda", "tests/kernels/test_decode_attention.py::test_cuda",
+             "tests/kernels/test_infonce_gemm_bwd.py::test_gemm_provider_cuda",
              "tests/kernels/test_infonce_fp16_backward.py", "tests/kernels/test_infonce_grid.py"]
     if _pytest_available():
         test_cmd = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", *tests]
@@ -138,12 +141,13 @@ def steps(dry_run: bool) -> list[tuple[str, list[str], int]]:
     if dry_run:
         return [("CUDA tests", test_cmd, 120),
                 ("bench_infonce", [py, "bench/bench_infonce.py", "--sizes", "1k", "--dims", "64", "--quick",
-                                   "--providers", "naive,chunked,triton"], 120),
+                                   "--providers", "naive,chunked,triton_atomic,triton_gemm"], 120),
                 ("bench_decode_attention", [py, "bench/bench_decode_attention.py", "--quick"], 300)]
     return [("CUDA tests", test_cmd, 150),
-            # issue 3's headline: N = M = 64k, D = 1024, bf16 (and 16k for the trend)
+            # issue 3's headline: N = M = 64k, D = 1024, bf16 (and 16k for the trend); both Triton backwards
+            # (triton_atomic, triton_gemm) side by side, so this run picks VILLE_INFONCE_BWD's default
             ("bench_infonce", [py, "bench/bench_infonce.py", "--sizes", "16k,64k", "--dims", "1024",
-                               "--providers", "naive,chunked,triton,inf_cl"], 150),
+                               "--providers", "naive,chunked,triton_atomic,triton_gemm,inf_cl"], 150),
             ("bench_decode_attention", [py, "bench/bench_decode_attention.py"], 90),
             ("bench_decode", [py, "bench/bench_decode.py", "--quick", "--repeats", "2"], 90)]
 

@@ -27,6 +27,7 @@ import torch
 # import_module: the package re-exports functions named like these submodules.
 da = importlib.import_module(__package__ + ".decode_attention")
 nce = importlib.import_module(__package__ + ".infonce")
+nce_gemm = importlib.import_module(__package__ + ".infonce_gemm")
 
 MAX_REGS = 240  # of 255: headroom so that a small code change cannot push a variant into spills
 # Per-SM limits (CUDA programming guide, "compute capabilities" table): shared memory per SM and per block, the
@@ -38,7 +39,7 @@ TARGETS = {
 _SMEM_RESERVED = 1024
 _TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _UNIT_STRIDES = {"stride_qd", "stride_pd", "stride_kd", "stride_vd", "stride_od"}
-_INTS = {"N", "M", "D", "TILES_N", "TILES_M", "SUPERS_M", "SUPERS", "Hq", "window"}
+_INTS = {"N", "M", "D", "TILES_N", "TILES_M", "SUPERS_M", "SUPERS", "Hq", "window", "ROW0", "ROWS"}
 _FLOATS = {"scale", "softcap", "w_row", "col_ratio", "tile_scale"}
 
 
@@ -84,7 +85,7 @@ def _infonce_variants(everything: bool) -> list[Variant]:
                                                                       (False, True)):
         if not everything and (has_groups != symmetric or dtype == torch.float16):
             continue
-        block_n, block_m, block_d, num_warps = nce._block_sizes(dtype, False, backward)
+        block_n, block_m, block_d, num_warps = nce._block_sizes(dtype, False, backward, symmetric)
         t = _TRITON_DTYPES[dtype]
         constexprs = dict(HAS_GROUPS=has_groups, SYMMETRIC=symmetric, BLOCK_N=block_n, BLOCK_M=block_m,
                           BLOCK_D=block_d, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
@@ -96,6 +97,24 @@ def _infonce_variants(everything: bool) -> list[Variant]:
                            nce._infonce_bwd_kernel if backward else nce._infonce_fwd_kernel,
                            {"Q": f"*{t}", "P": f"*{t}", "LABELS": "*i64", "ROW_GROUPS": "*i64", "COL_GROUPS": "*i64"},
                            constexprs, num_warps, 2 if backward else 3, nce._MAX_REGISTERS))
+    return out
+
+
+def _infonce_gemm_variants(everything: bool) -> list[Variant]:
+    """The gemm backward provider's recompute kernel (infonce_gemm.py): G is stored in the input dtype."""
+    out = []
+    for dtype, has_groups, symmetric in itertools.product(_TRITON_DTYPES, (False, True), (False, True)):
+        if not everything and (has_groups != symmetric or dtype == torch.float16):
+            continue
+        block_n, block_m, block_d, num_warps = nce_gemm._gemm_block_sizes(dtype, False)
+        t = _TRITON_DTYPES[dtype]
+        constexprs = dict(HAS_GROUPS=has_groups, SYMMETRIC=symmetric, GROUP_N=8, BLOCK_N=block_n, BLOCK_M=block_m,
+                          BLOCK_D=block_d, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                          INTERPRET_BF16=False)
+        key = f"{t}-{'sym' if symmetric else 'row'}{'-groups' if has_groups else ''}"
+        out.append(Variant("infonce_gemm_g", key, nce_gemm._infonce_grad_chunk_kernel,
+                           {"Q": f"*{t}", "P": f"*{t}", "G": f"*{t}", "LABELS": "*i64", "ROW_GROUPS": "*i64",
+                            "COL_GROUPS": "*i64"}, constexprs, num_warps, 3, nce._MAX_REGISTERS))
     return out
 
 
@@ -137,7 +156,7 @@ def variants(everything: bool = False) -> list[Variant]:
     with none (where registers peak and where they are fewest), decode at GQA groups 1 and 32 (BLOCK_G 16 and 32),
     the combine kernel at its largest split count, fp32 and bf16 (fp16 compiles to the same registers as bf16: the
     full table); `everything` adds fp16, each flag combination, groups 2 and 8, and the 2-split combine."""
-    return _infonce_variants(everything) + _decode_variants(everything)
+    return _infonce_variants(everything) + _infonce_gemm_variants(everything) + _decode_variants(everything)
 
 
 def _signature(variant: Variant):

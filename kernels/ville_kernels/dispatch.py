@@ -8,6 +8,8 @@ Environment variables read by ville_kernels (README "Environment variables" list
 - TRITON_INTERPRET=1   run the Triton kernels on CPU tensors through Triton's interpreter (slow; tests only).
 - VILLE_KERNELS=torch  never use Triton or csrc: the PyTorch paths everywhere (debugging / A-B comparisons).
 - VILLE_NO_EXT=1       at build time: skip compiling csrc; at import: do not load the built extension.
+- VILLE_INFONCE_BWD=atomic|gemm  which Triton InfoNCE backward runs (read at each call; default atomic): the one-pass
+                       tile kernel with fp32 atomics, or recompute + two cuBLAS GEMMs (ville_kernels/infonce_gemm.py).
 """
 from __future__ import annotations
 

@@ -37,6 +37,11 @@ Organisation (why it looks like this):
   once D is in the thousands. The positive pair's entry of G is minus that mass (softmax - 1 = -sum of the others):
   the host adds it in fp32, outside the low-precision tile G, and because it is summed from the very probabilities
   the negatives used, every row and column of G sums to zero as it should.
+- A second backward provider, VILLE_INFONCE_BWD=gemm (infonce_gemm.py; default atomic until an H100 run of
+  bench/bench_infonce.py picks the winner): the tile's two dots above have a free dimension of only BLOCK_D (small
+  wgmma shapes on Hopper) and cost ~1e11 fp32 atomics at N = M = 64k, D = 1024. "gemm" recomputes row chunks of the
+  logits into G in the input dtype and runs dq = G @ p and dp += G^T @ q as cuBLAS GEMMs; same G entries, fp32
+  accumulation, O(N * M / tile) atomics, a G chunk of at most 256 MB.
 Block sizes (`_block_sizes`) and the register cap were chosen to compile for sm_90 and sm_80 without register spills
 (ville_kernels.compile_report); they are not tuned on hardware.
 """
@@ -44,6 +49,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -288,7 +294,8 @@ def _register_cap(interpret: bool) -> dict:
     return {} if interpret else {"maxnreg": _MAX_REGISTERS}
 
 
-def _block_sizes(dtype: torch.dtype, interpret: bool, backward: bool) -> tuple[int, int, int, int]:
+def _block_sizes(dtype: torch.dtype, interpret: bool, backward: bool, symmetric: bool = True
+                 ) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_M, BLOCK_D, num_warps). Under the interpreter a tile costs Python time, so tiles are the
     smallest tl.dot accepts. GPU choices: the largest tiles that compile for sm_90 and sm_80 without register spills
     under the _MAX_REGISTERS cap, every variant (ville_kernels.compile_report; tests/kernels/test_kernel_compile.py);
@@ -297,7 +304,11 @@ def _block_sizes(dtype: torch.dtype, interpret: bool, backward: bool) -> tuple[i
         return 16, 16, 16, 1
     if dtype == torch.float32:
         return (64, 64, 16, 8) if backward else (64, 64, 8, 8)
-    return (64, 128, 16, 8) if backward else (128, 128, 16, 8)
+    if backward:
+        return 64, 128, 16, 8
+    # The row-only 16-bit forward with groups spilled 16 bytes at 128 x 128 on sm_80 (232 registers, the cap);
+    # 128 x 64 compiles at 168-197 with no spill on sm_90 and sm_80 (the full VILLE_COMPILE_ALL sweep).
+    return (128, 128, 16, 8) if symmetric else (128, 64, 16, 8)
 
 
 def _launch_common(q, p, logit_scale, labels, row_groups, col_groups):
@@ -364,7 +375,8 @@ def _infonce_fwd(q, p, logit_scale, labels, row_groups, col_groups, symmetric):
     a = _launch_common(q, p, logit_scale, labels, row_groups, col_groups)
     q, p = a["q"], a["p"]
     (N, D), M = q.shape, p.shape[0]
-    block_n, block_m, block_d, num_warps = _block_sizes(q.dtype, a["interpret"], backward=False)
+    block_n, block_m, block_d, num_warps = _block_sizes(q.dtype, a["interpret"], backward=False,
+                                                            symmetric=symmetric)
     blocks_n, blocks_m = triton.cdiv(N, block_n), triton.cdiv(M, block_m)
     programs = _resident_programs(q.device)
     tiles_n, tiles_m, _ = _forward_tiling(blocks_n, blocks_m, programs)
@@ -407,7 +419,30 @@ def _infonce_bwd(q, p, logit_scale, grad, labels, row_groups, col_groups, lse_ro
                  symmetric):
     """Triton backward over the negative pairs. lse_* are full log-sum-exps (natural log), lse_col = +inf where a
     column has no positive. Returns fp32 dq (N, D), dp (M, D), ds (), and the negatives' softmax mass per row (N,)
-    and per column (M,) or None."""
+    and per column (M,) or None. Provider: VILLE_INFONCE_BWD (`bwd_provider`), read at each call."""
+    if bwd_provider() == "gemm":
+        from .infonce_gemm import _infonce_bwd_gemm  # it imports this module's kernels and launch helpers
+
+        return _infonce_bwd_gemm(q, p, logit_scale, grad, labels, row_groups, col_groups, lse_row, lse_col, w_row,
+                                 w_col, symmetric)
+    return _infonce_bwd_atomic(q, p, logit_scale, grad, labels, row_groups, col_groups, lse_row, lse_col, w_row,
+                               w_col, symmetric)
+
+
+_BWD_PROVIDERS = ("atomic", "gemm")
+
+
+def bwd_provider() -> str:
+    """The Triton backward's provider from VILLE_INFONCE_BWD: "atomic" (default) or "gemm" (module docstring)."""
+    name = os.environ.get("VILLE_INFONCE_BWD", "") or "atomic"
+    if name not in _BWD_PROVIDERS:
+        raise ValueError(f"VILLE_INFONCE_BWD={name!r}: expected one of {', '.join(_BWD_PROVIDERS)}")
+    return name
+
+
+def _infonce_bwd_atomic(q, p, logit_scale, grad, labels, row_groups, col_groups, lse_row, lse_col, w_row, w_col,
+                        symmetric):
+    """The one-pass atomic provider of `_infonce_bwd` (_infonce_bwd_kernel), same arguments and results."""
     a = _launch_common(q, p, logit_scale, labels, row_groups, col_groups)
     q, p = a["q"], a["p"]
     (N, D), M = q.shape, p.shape[0]

@@ -27,9 +27,10 @@ def _balance(blocks_n, blocks_m, tiles_n, tiles_m, programs):
     return blocks_n * blocks_m / (min(programs, len(work)) * busiest)
 
 
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "row"])
 @pytest.mark.parametrize("sms", [132, 114, 108], ids=["h100-sxm", "h100-pcie", "a100"])
-def test_forward_grid_keeps_every_sm_busy(sms):
-    block_n, block_m, _, _ = infonce_mod._block_sizes(torch.bfloat16, False, backward=False)
+def test_forward_grid_keeps_every_sm_busy(sms, symmetric):
+    block_n, block_m, _, _ = infonce_mod._block_sizes(torch.bfloat16, False, backward=False, symmetric=symmetric)
     programs = infonce_mod._BLOCKS_PER_SM * sms
     for n in (32768, 65536, 100000, 262144, 524288, 1 << 20):
         blocks_n, blocks_m = -(-n // block_n), -(-n // block_m)

@@ -3,11 +3,12 @@ budget: no register spills, shared memory under the target's per-block limit, at
 
 `ville_kernels.compile_report` enumerates the variants from the launchers' own block-size functions and compiles
 them with Triton's bundled ptxas; the table (registers, spills, shared memory, resident blocks per SM) is printed.
-Default run, 38 variants per target (about 45 s of CPU for both): fp32 and bf16 (fp16 compiles to bf16's registers),
-per shape choice (InfoNCE forward/backward; decode head dim 64/128/256 at GQA group 1 and 32; the combine kernel at
-64 splits) the variant with every optional path on (groups + symmetric; softcap + batch_idx + window + split-K) and
-the one with none. Every one of the 618 variants (fp16, groups 2 and 8, each flag combination): VILLE_COMPILE_ALL=1
-(marker `compile_all`; ~12 min of CPU). Skips, saying why, where Triton or ptxas is missing.
+Default run, 42 variants per target (about 50 s of CPU for both): fp32 and bf16 (fp16 compiles to bf16's registers),
+per shape choice (InfoNCE forward/backward and the gemm backward's recompute kernel; decode head dim 64/128/256 at
+GQA group 1 and 32; the combine kernel at 64 splits) the variant with every optional path on (groups + symmetric;
+softcap + batch_idx + window + split-K) and the one with none. Every one of the 630 variants (fp16, groups 2 and 8,
+each flag combination): VILLE_COMPILE_ALL=1 (marker `compile_all`; ~12 min of CPU). Skips, saying why, where
+Triton or ptxas is missing.
 """
 from __future__ import annotations
 
