@@ -161,6 +161,11 @@ class ModelCfg:
     max_text_tokens: int = 256  # longer texts are truncated (prompts, captions, targets)
     decode_attention: str = "auto"  # "auto": ville_kernels dispatch (Triton on CUDA); "ref": reference path
     compact_every: int = 1  # drop finished samples every k decode steps (each check syncs with the host)
+    # Prefill of the embedding decode and of generation: batch rows run in slices of at most this many padded tokens
+    # (rows x the batch's padded length) per decoder forward, each filling its rows of one KV cache; 0 = the whole
+    # batch in one forward. A sample longer than the budget runs alone (one warning). 16384: ~2 GB of activations at
+    # Gemma-2B width (docs/design.md); a real-recipe batch (3k video tokens per sample) exceeds it, a tiny one never.
+    prefill_tokens_per_chunk: int = 16384
 
 
 @dataclass

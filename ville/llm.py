@@ -98,7 +98,8 @@ class AttnState:
     A step may carry s consecutive tokens per sample (query length s): token j goes to pos + j and attends over
     step_lens + j positions.
     The cache, when present, is one (k, v) pair of `(B_cache, Hkv, L_max, Dh)` per layer, allocated by the first
-    (prefill) call that writes into it.
+    (prefill) call that writes into it: `cache_batch` rows (0: that call's batch). A prefill run in row slices
+    (ville/model.py `_prefill`) writes its B rows at cache rows `row_offset` .. `row_offset` + B - 1.
     """
 
     mode: str
@@ -109,6 +110,8 @@ class AttnState:
     step_lens: torch.Tensor | None = None
     cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
     cache_len: int = 0  # L_max of the cache
+    cache_batch: int = 0  # B_cache
+    row_offset: int = 0
     decode_impl: str = "auto"  # "auto" (ville_kernels dispatch) | "ref"
     _mask: torch.Tensor | None = None
     _block_masks: dict | None = None  # FlexAttention masks of this call, per (L, window) (ville/attention.py)
@@ -170,11 +173,13 @@ def ville_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     if state.mode == "full":
         if state.cache is not None:  # prefill: keep this layer's keys/values
             B, Hkv, L, Dh = key.shape
-            kc = key.new_zeros(B, Hkv, state.cache_len, Dh)
-            vc = value.new_zeros(B, Hkv, state.cache_len, Dh)
-            kc[:, :, :L] = key
-            vc[:, :, :L] = value
-            state.cache[layer] = (kc, vc)
+            if layer not in state.cache:
+                rows = state.cache_batch or B
+                state.cache[layer] = (key.new_zeros(rows, Hkv, state.cache_len, Dh),
+                                      value.new_zeros(rows, Hkv, state.cache_len, Dh))
+            kc, vc = state.cache[layer]
+            kc[state.row_offset:state.row_offset + B, :, :L] = key
+            vc[state.row_offset:state.row_offset + B, :, :L] = value
         impl = attention.choose(getattr(module.config, "ville_attention", "auto"), query, softcap, dropout)
         if impl == "eager":
             mask = _window_mask(state.full_mask(query.shape[2], query.device), window)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -62,6 +63,31 @@ def _stop_threshold_logit(threshold: float) -> float:
     return math.log(threshold / (1 - threshold))
 
 
+def _prefill(model: "ViLLE", embeds: torch.Tensor, state: AttnState) -> torch.Tensor:
+    """Prefill `state`'s KV cache with the prefix `embeds` (B, L, H) and return (B, H): each sample's last hidden state
+    at its last valid position (lens - 1). The rows run in slices of at most `model.prefill_tokens_per_chunk` padded
+    tokens (rows x L) per decoder forward, each writing its own cache rows: the decoder and the prefix-LM mask treat
+    rows independently, so the slices give one whole-batch forward's cache and hidden states, while the activations
+    and attention temporaries of a forward scale with the budget instead of the batch. L is the whole batch's padded
+    length (no host sync on `lens`; sample lengths differ only by prompt tokens), so the last slice may be narrower,
+    never shorter."""
+    B, L = embeds.shape[:2]
+    budget = model.cfg.prefill_tokens_per_chunk
+    if budget < 0:
+        raise ValueError(f"model.prefill_tokens_per_chunk: expected >= 0 (0 = the whole batch at once), got {budget}")
+    if budget and L > budget:
+        warnings.warn(f"model.prefill_tokens_per_chunk={budget} is below one sample's padded length {L}: the prefill "
+                      f"runs one sample per forward", stacklevel=3)
+    rows = B if budget == 0 else max(1, budget // L)
+    last = []
+    for s in range(0, B, rows):
+        part = AttnState("full", prefix_lens=state.prefix_lens[s:s + rows], lens=state.lens[s:s + rows],
+                         cache=state.cache, cache_len=state.cache_len, cache_batch=B, row_offset=s)
+        h = model._decoder_forward(embeds[s:s + rows], part)
+        last.append(h.gather(1, (part.lens - 1)[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0])
+    return last[0] if len(last) == 1 else torch.cat(last)
+
+
 class _DecodeSession:
     """Prefill once, then decode one token per active sample per step, dropping finished samples.
 
@@ -69,14 +95,12 @@ class _DecodeSession:
     shrinks). CUDA: caches stay put and the attention kernel reads each active sample's rows through `batch_idx`.
 
     `chunk_tokens`: embedding steps all take the same input vector, so a forward may run s consecutive steps of each
-    active sample at once (s = ceil(chunk_tokens / active rows)); a sample that stops inside the chunk wastes the
-    rest of it. A decode forward costs a + b * tokens, and with few rows the fixed part a (every weight read once,
-    Python per layer) dominates: hidden 768, 6 layers, 1 thread of the 2-core VM, 24 ms at 1 row, 53 at 32,
-    so a ~ 23 rows' worth of b. With that cost model the benchmark's stop schedules (bench/bench_decode.py, batch 32)
-    reach 0.83 / 0.83 of the ideal max/mean speed-up at 24 tokens per forward (short / mixed; 0.79 / 0.52 at one
-    step per forward). More tokens per forward than active rows at the first step would waste tokens of samples that
-    stop there, so chunk_tokens stays near a/b rather than above the batch (docs/design.md). Steps before
-    min_embed_tokens cannot stop and always share a forward. Text generation decodes one token at a time."""
+    active sample at once; a sample that stops inside the chunk wastes the rest of it. A decode forward costs about
+    a + b * tokens, and with few rows the fixed part a (every weight read once, Python per layer) dominates: hidden
+    768, 6 layers, 1 thread of the 2-core VM, 24 ms at 1 row, 53 at 32, so a ~ 24 tokens' worth of b. `chunk_tokens`
+    is that ratio a / b, and `plan_chunk` picks s by planning the rest of the decode with it and the stop rate seen
+    so far (docs/design.md, "Several embedding steps per forward"). Steps before min_embed_tokens cannot stop and
+    always share a forward. Text generation decodes one token at a time."""
 
     chunk_tokens = 24
 
@@ -85,7 +109,7 @@ class _DecodeSession:
         B = embeds.shape[0]
         self.state = AttnState("full", prefix_lens=prefix_lens, lens=lens, cache={},
                                cache_len=embeds.shape[1] + max_new, decode_impl=model.cfg.decode_attention)
-        self.prefix_hidden = model._decoder_forward(embeds, self.state)
+        self.last_hidden = _prefill(model, embeds, self.state)  # (B, H) at each sample's last prefix position
         self.physical = not embeds.is_cuda
         self.cache_lens = lens.clone()  # (B_cache,) next write position per cache row
         self.active = torch.arange(B, device=embeds.device)  # original sample index of each active row
@@ -103,6 +127,27 @@ class _DecodeSession:
         h = self.model._decoder_forward(tokens, st, position_ids=pos[:, None] + offsets)
         self.cache_lens[rows] += tokens.shape[1]
         return h if x.dim() == 3 else h[:, 0]
+
+    def plan_chunk(self, remaining: int, row_steps: int, stops: int) -> int:
+        """Steps s (1..remaining) for the next forward of the n active rows: the first move of the cheapest plan for
+        the remaining steps under the cost model a + b * tokens (a / b = chunk_tokens) when each row stops after a
+        step with the rate seen so far (stops / row_steps, over steps where stopping was possible): with that rate h
+        about n (1 - h)^u rows are still live u steps ahead, whatever the chunking, so the plan is a shortest path
+        over steps, O(remaining^2). Before any stop could be seen, ceil(chunk_tokens / n) (one forward's fixed cost
+        spread over the rows). chunk_tokens 1 means one step per forward, as Hugging Face generate() decodes."""
+        n = self.active.numel()
+        if self.chunk_tokens <= 1:
+            return 1
+        if row_steps == 0:
+            return max(1, min(remaining, -(-self.chunk_tokens // n)))
+        live = 1.0 - min(max(stops / row_steps, 1e-3), 1.0)
+        cost = [0.0] * (remaining + 1)  # cost[u]: cheapest way to decode steps u..remaining-1, in units of b
+        first = [1] * (remaining + 1)
+        for u in range(remaining - 1, -1, -1):
+            rows = n * live ** u
+            cost[u], first[u] = min((self.chunk_tokens + rows * s + cost[u + s], s)
+                                    for s in range(1, remaining - u + 1))
+        return first[0]
 
     def keep(self, keep: torch.Tensor) -> None:
         """Keep only the active samples where `keep` (n,) is True."""
@@ -264,9 +309,9 @@ class ViLLE(nn.Module):
     def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self._final_softcap(self.base_llm().get_output_embeddings()(h)).float()
 
-    def stop_logit(self, h: torch.Tensor, step: int | None = None, energy: torch.Tensor | None = None) -> torch.Tensor:
-        """Stop logits of embedding steps: h (B, K, H) of steps 1..K, or (B, H) of step `step` (0-based); energy (B,)
-        from `encode_video` -> logit[<eoe>] - logit[<emb>] + stop_step_bias[step] + stop_motion * log(energy + 1e-4)
+    def stop_logit(self, h: torch.Tensor, energy: torch.Tensor | None = None, first_step: int = 0) -> torch.Tensor:
+        """Stop logits of embedding steps: h (B, k, H) of steps first_step + 1 .. first_step + k; energy (B,) from
+        `encode_video` -> (B, k) logit[<eoe>] - logit[<emb>] + stop_step_bias[step] + stop_motion * log(energy + 1e-4)
         (only those two rows of the LM head are computed; steps past the configured maximum share the last bias; the
         motion term only with `embed.stop_motion` and a video; 1e-4 is well below a moving clip's energy, ~0.02)."""
         head = self.base_llm().get_output_embeddings()
@@ -274,15 +319,10 @@ class ViLLE(nn.Module):
         w = head.weight[rows]
         logits = F.linear(h.to(w.dtype), w, None if head.bias is None else head.bias[rows])
         logits = self._final_softcap(logits).float()
-        K = self.stop_step_bias.shape[0]
-        if step is None:
-            bias = self.stop_step_bias[torch.arange(h.shape[-2], device=h.device).clamp_max(K - 1)]
-        else:
-            bias = self.stop_step_bias[min(step, K - 1)]
-        out = logits[..., 0] - logits[..., 1] + bias.float()
+        steps = first_step + torch.arange(h.shape[-2], device=h.device)
+        out = logits[..., 0] - logits[..., 1] + self.stop_step_bias[steps.clamp_max(self.stop_step_bias.shape[0] - 1)]
         if energy is not None and self.stop_motion is not None:
-            term = self.stop_motion * torch.log(energy.float() + 1e-4)
-            out = out + (term[:, None] if step is None else term)
+            out = out + (self.stop_motion * torch.log(energy.float() + 1e-4))[:, None]
         return out
 
     def _full(self, prefixes, suffixes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -379,24 +419,33 @@ class ViLLE(nn.Module):
         every = max(1, self.cfg.compact_every)
         schedule = None if stop_schedule is None else stop_schedule.to(self.device)
         t = 0
+        row_steps = stops = 0  # live row-steps where a stop was possible, and the stops seen (plan_chunk)
         while t < K:
             act = sess.active
-            # Several steps per forward while few rows are active (_DecodeSession.chunk_tokens); the compaction
-            # check runs after a chunk that reached or passed a multiple of compact_every.
-            chunk = min(K - t, max(-(-sess.chunk_tokens // act.numel()), kmin - t if stop_schedule is None else 1))
+            chunk = sess.plan_chunk(K - t, row_steps, stops)
+            if stop_schedule is None:
+                chunk = max(chunk, kmin - t)  # steps that cannot stop share a forward
             h = sess.step(query.expand(act.numel(), chunk, -1))
-            for j in range(chunk):
-                s = self.stop_logit(h[:, j], step=t, energy=None if energy is None else energy[act])
-                live = ~done[act]  # rows kept alive only until the next compaction do not record anything
-                states[act[live], t] = h[live, j]
-                stop_probs[act[live], t] = torch.sigmoid(s[live])
-                if schedule is not None:
-                    stopping = live & (schedule[act] <= t + 1)
-                else:
-                    stopping = live & (s > thr) if t + 1 >= kmin else torch.zeros_like(live)
-                num[act[stopping]] = t + 1
-                done[act[stopping]] = True
-                t += 1
+            steps = t + torch.arange(chunk, device=h.device)
+            s = self.stop_logit(h, energy=None if energy is None else energy[act], first_step=t)
+            if schedule is not None:
+                can_stop = schedule[act][:, None] <= steps[None] + 1
+            else:
+                can_stop = (s > thr) & (steps[None] + 1 >= kmin)
+            # A row records steps up to and including its first stop in the chunk; rows kept alive only until the
+            # next compaction (already done) record nothing.
+            was_live = ~done[act]
+            stopped = can_stop.any(dim=1) & was_live
+            first = torch.where(can_stop.any(dim=1), can_stop.int().argmax(dim=1), chunk)
+            record = was_live[:, None] & (steps[None] - t <= first[:, None])
+            states[act, t:t + chunk] = torch.where(record[..., None], h.to(states.dtype), states[act, t:t + chunk])
+            stop_probs[act, t:t + chunk] = torch.where(record, torch.sigmoid(s), stop_probs[act, t:t + chunk])
+            num[act] = torch.where(stopped, t + first + 1, num[act])
+            done[act] = done[act] | stopped
+            possible = (steps + 1 >= kmin) if schedule is None else torch.ones_like(steps, dtype=torch.bool)
+            row_steps += int((record & possible[None]).sum())
+            stops += int(stopped.sum())
+            t += chunk
             if t == K:
                 break
             if t // every > (t - chunk) // every:
@@ -457,7 +506,7 @@ class ViLLE(nn.Module):
         embeds, plens, lens = self._pack(self._video_prefixes(frames, prompt_ids, video))
         B = embeds.shape[0]
         sess = _DecodeSession(self, embeds, plens, lens, max_new_tokens)
-        h = sess.prefix_hidden.gather(1, (lens - 1)[:, None, None].expand(-1, 1, self.hidden))[:, 0]
+        h = sess.last_hidden
         out: list[list[int]] = [[] for _ in range(B)]
         # Added to the logits once per step: text mode has only text tokens and <eos> (not before min_new_tokens).
         banned = h.new_zeros(self.base_llm().get_output_embeddings().weight.shape[0], dtype=torch.float32)

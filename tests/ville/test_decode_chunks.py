@@ -53,3 +53,50 @@ def test_benchmark_pad_fill_stops_with_the_last_sample(monkeypatch):
     for schedule, forwards in ((torch.tensor([1, 1, 1]), 1), (torch.tensor([1, 3, 2]), 3), (torch.full((3,), K), K)):
         _, _, ran = bench_decode.run_once(model, fr, schedule, torch.device("cpu"), padfill=True)
         assert ran == forwards, f"stops {schedule.tolist()}: pad-fill ran {ran} forwards, expected {forwards}"
+
+
+def _cheapest_first_chunk(n, remaining, live, fixed):
+    """Brute force over every way to split `remaining` steps into forwards: -> (cost, first chunk) of the cheapest,
+    with forward cost fixed + (rows still live at its first step) * its steps, rows = n * live ** step."""
+    best = None
+    for cuts in range(1 << (remaining - 1)):  # bit i set: a forward ends after step i + 1
+        sizes, run = [], 1
+        for i in range(remaining - 1):
+            if cuts >> i & 1:
+                sizes.append(run)
+                run = 0
+            run += 1
+        sizes.append(run)
+        cost, u = 0.0, 0
+        for s in sizes:
+            cost += fixed + n * live ** u * s
+            u += s
+        if best is None or cost < best[0] - 1e-9:
+            best = (cost, sizes[0])
+    return best
+
+
+def test_plan_chunk_is_the_cheapest_split(monkeypatch):
+    """plan_chunk's first step equals the brute-force cheapest split of the remaining steps under the cost model, for
+    stop rates from none to all; before any stop could be seen it spreads one forward's fixed cost over the rows."""
+    session = _DecodeSession.__new__(_DecodeSession)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(40):
+        n = int(torch.randint(1, 40, (1,), generator=gen))
+        remaining = int(torch.randint(1, 9, (1,), generator=gen))
+        row_steps = int(torch.randint(1, 200, (1,), generator=gen))
+        stops = int(torch.randint(0, row_steps + 1, (1,), generator=gen))
+        fixed = int(torch.randint(2, 40, (1,), generator=gen))
+        monkeypatch.setattr(_DecodeSession, "chunk_tokens", fixed)
+        session.active = torch.arange(n)
+        live = 1.0 - min(max(stops / row_steps, 1e-3), 1.0)
+        want = _cheapest_first_chunk(n, remaining, live, fixed)[1]
+        assert session.plan_chunk(remaining, row_steps, stops) == want, (n, remaining, row_steps, stops, fixed)
+    session.active = torch.arange(32)
+    monkeypatch.setattr(_DecodeSession, "chunk_tokens", 24)
+    assert session.plan_chunk(16, 0, 0) == 1 and session.plan_chunk(3, 0, 0) == 1
+    session.active = torch.arange(5)
+    assert session.plan_chunk(16, 0, 0) == 5 and session.plan_chunk(2, 0, 0) == 2
+    assert session.plan_chunk(16, 100, 100) == 1  # every row stops after each step: no step is worth sharing
+    monkeypatch.setattr(_DecodeSession, "chunk_tokens", 1)
+    assert session.plan_chunk(16, 100, 0) == 1  # one step per forward, as generate() decodes
