@@ -107,6 +107,44 @@ def gradient_sync(wrapped: nn.Module, sync: bool):
     return contextlib.nullcontext()
 
 
+def forward_with_backward(model: nn.Module, fn):
+    """fn() -> the result of a training step that runs backward passes of its own (gradient caching,
+    ville/gradcache.py: the loss backward on the embeddings, then one per re-embedded chunk), for `model`'s wrapper
+    as one forward. Without FSDP2 it is a plain call (under DDP the caller calls the model past its wrapper and
+    reduces by hand: `reduce_cached_grads`).
+
+    Under FSDP2 it runs between the root module's pre- and post-forward hooks (`register_fsdp_forward_method`), as
+    `model(...)` would: the root group (embeddings, projector, heads, logit_scale) is gathered for the whole step.
+    Each inner backward ends with FSDP2's post-backward callback, which reduce-scatters every group's gradients so
+    far into the sharded `.grad` (they accumulate over chunks) and would also reshard the root group in the middle
+    of its forward; its reshard after backward is off until fn returns (the root's post-forward then reshards it,
+    and the step's last backward gathers it again)."""
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+    if not isinstance(model, FSDPModule):
+        return fn()
+    model.set_reshard_after_backward(False, recurse=False)
+    model._cached_step = fn  # an instance attribute, made a forward method of the root for this call only
+    register_fsdp_forward_method(model, "_cached_step")
+    try:
+        return model._cached_step()
+    finally:
+        del model._cached_step
+        model.set_reshard_after_backward(True, recurse=False)
+
+
+def reduce_cached_grads(model: nn.Module) -> None:
+    """After the backward passes of a step with gradient caching: DDP's mean over ranks by hand (the loss ran past
+    the DDP wrapper); under FSDP2 the gradients are reduce-scattered already, and the root group is resharded so
+    the optimizer updates the parameters the next forward gathers."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.reshard()
+    else:
+        all_reduce_grads(model)
+
+
 def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     """Global gradient norm (over every rank's shards under FSDP2), then clipping to `max_norm`."""
     from torch.distributed.tensor import DTensor

@@ -16,8 +16,12 @@ encoding the chunks one after another with graphs and back-propagating the loss 
 (tests/ville/test_gradcache.py), and, without dropout, the unchunked computation.
 
 Distributed: the loss of step 2 may gather negatives across ranks (ville.contrastive); its backward returns each
-rank's share of the embedding gradients. Under DDP, steps 3's backward calls should run under `no_sync()` for all but
-the last chunk (FSDP2: `set_requires_gradient_sync(False)` likewise), so gradients are reduced once.
+rank's share of the embedding gradients. The trainer (`distributed.forward_with_backward`) runs the step past DDP's
+wrapper and averages the accumulated gradients once per step by hand; under FSDP2 it runs the step as one forward of
+the root module, and each of steps 2-3's backward calls reduce-scatters its gradients into the sharded `.grad`, where
+the chunks accumulate. Unsynced chunks (`set_requires_gradient_sync(False)`) would hold every layer's unsharded
+gradient until the last one, the memory FSDP exists to save; per-chunk reduce-scatters add one gradient reduction
+to the two parameter all-gathers every chunk's re-run pays anyway (docs/design.md).
 """
 from __future__ import annotations
 
@@ -118,3 +122,18 @@ def contrastive_loss_cached(model, cfg: LossCfg, frames: torch.Tensor, texts: li
     loss = grad_cache([video, model.text_embed_train], [split(frames, chunk), split(list(texts), chunk)], loss_fn,
                       model.device)
     return loss / grad_scale, comps
+
+
+def lm_loss_cached(model, frames: torch.Tensor, prompts: list, targets: list, chunk: int,
+                   weight: float = 1.0) -> torch.Tensor:
+    """`model.lm_loss(frames, prompts, targets)` taken `chunk` samples at a time, each chunk back-propagated at once
+    (gradients of `weight` times the loss accumulated into `.grad`), so the LM pass holds one chunk's activations.
+    Exact without dropout: the loss is a mean over samples, so chunk c counts n_c / n. Returns the loss (no graph).
+    Meant for the caption branch of `losses.multitask_loss` under `train.contrastive_chunk`, where the LM term of a
+    caption task otherwise holds the whole batch's activations beside the cached contrastive term."""
+    n, total = len(targets), 0.0
+    for fr, pr, tg in zip(split(frames, chunk), split(list(prompts), chunk), split(list(targets), chunk)):
+        part = model.lm_loss(fr, pr, tg) * (len(tg) / n)
+        (part * weight).backward()
+        total += float(part.detach())
+    return torch.tensor(total)

@@ -162,9 +162,11 @@ def multitask_loss(model, batches: dict[str, dict], cfg: LossCfg, contrastive_ch
     source video, not the query).
 
     `contrastive_chunk` > 0 (`train.contrastive_chunk`): the caption / retrieval contrastive + halting terms go
-    through gradient caching (ville/gradcache.py), the towers run that many samples at a time. Their gradients,
-    times `grad_scale`, are accumulated into `.grad` here, so their value enters the total without gradient; the
-    caller back-propagates the total (times `grad_scale`) for the rest. Same loss and gradients as 0."""
+    through gradient caching (ville/gradcache.py), the towers run that many samples at a time, and the caption
+    tasks' LM term runs in chunks of that size too (`gradcache.lm_loss_cached`). Their gradients, times
+    `grad_scale`, are accumulated into `.grad` here, so their value enters the total without gradient; the caller
+    back-propagates the total (times `grad_scale`) for the rest. Same loss and gradients as 0 (without dropout: the
+    LM chunks draw their own dropout masks)."""
     if cfg.halting_target not in ("rank", "sentences"):
         raise ValueError(f"loss.halting_target: expected 'rank' or 'sentences', got {cfg.halting_target!r}")
     e = model.cfg.embed
@@ -210,7 +212,16 @@ def multitask_loss(model, batches: dict[str, dict], cfg: LossCfg, contrastive_ch
         frames = b["frames"]
         samples += frames.shape[0]
         tokens += frames.shape[0] * frames.shape[-4] * model.vision.tokens_per_frame
-        if task in ("caption", "detailed_caption", "qa"):
+        if task in ("caption", "detailed_caption") and contrastive_chunk > 0:
+            # A contrastive batch cached in chunks: the LM term of the same captions runs in chunks too (each chunk
+            # back-propagated at once), so no pass holds the whole batch's activations. No shared tower pass.
+            from .gradcache import lm_loss_cached
+
+            value = lm_loss_cached(model, frames, b["prompt"], b["target"], contrastive_chunk, cfg.lm * grad_scale)
+            add(f"lm_{task}", cfg.lm, value.to(total.device))
+            if cfg.contrastive > 0:
+                embed_and_contrast(task, b, b["target"], _key_groups(b["keys"], frames.device))
+        elif task in ("caption", "detailed_caption", "qa"):
             video = model.encode_video(frames)  # tokens + motion energy, shared by the LM and embedding passes
             add(f"lm_{task}", cfg.lm, model.lm_loss(frames, b["prompt"], b["target"], video=video))
             if task != "qa" and cfg.contrastive > 0:

@@ -16,7 +16,11 @@ What is not traced, and how it is accounted for (printed beside the table):
 - attention is traced with the `chunked` path (ville/attention.py): it holds one block of fp32 scores at a time,
   an upper bound of the fused FlexAttention kernel the GPU runs;
 - FSDP: parameters, gradients and optimizer state are sharded over `--gpus` ranks (their traced bytes / N), plus one
-  unsharded copy of the largest parameter (FSDP2 all-gathers one layer at a time); activations are per rank;
+  unsharded copy of the largest parameter (FSDP2 all-gathers one layer at a time); activations are per rank. The
+  training verdict reads this figure for `train.parallel=fsdp` and the one-replica peak for `ddp`;
+- `train.contrastive_chunk`: the step is traced through gradient caching as the trainer runs it (ville/gradcache.py:
+  every chunk embedded without a graph, the loss backward on the cached embeddings, each chunk re-run with a graph
+  and back-propagated), so the peak holds one chunk's tower activations, not the batch's;
 - the CUDA caching allocator's fragmentation and the CUDA context (~0.5-1 GB) come on top; the verdict asks for
   10 % headroom below 80 GB.
 Weights are random (`pretrained=false`, `init_from_vlm=null`, built-in tokenizer); the embedding table and LM head
@@ -145,7 +149,8 @@ def trace(recipe, gpus: int = 1, text_tokens: int = 32, fake: bool = True, amp: 
         if vocab and vocab > model.base_llm().get_input_embeddings().num_embeddings:
             model.base_llm().resize_token_embeddings(vocab, mean_resizing=False)
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
-    result = {"train_batch": per_gpu, "gpus": gpus}
+    result = {"train_batch": per_gpu, "gpus": gpus, "parallel": recipe.train.parallel,
+              "contrastive_chunk": recipe.train.contrastive_chunk}
     with mode:
         if fake:
             model.to_empty(device="cpu")
@@ -157,9 +162,11 @@ def trace(recipe, gpus: int = 1, text_tokens: int = 32, fake: bool = True, amp: 
         params = _bytes(list(model.parameters()) + list(model.buffers()))
         live = _Live(params, fake)
         with live:
-            with autocast:
-                loss, _ = multitask_loss(model, batches, recipe.loss)
-            loss.backward()
+            with autocast:  # with train.contrastive_chunk, gradient caching runs its backward passes in here
+                loss, _ = multitask_loss(model, batches, recipe.loss, recipe.train.contrastive_chunk,
+                                         1.0 / recipe.train.grad_accum)
+            if loss.requires_grad:
+                (loss / recipe.train.grad_accum).backward()
             grads = _bytes(p.grad for p in model.parameters() if p.grad is not None)
             optimizer.step()
             opt = _bytes(v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v) and v.dim())
@@ -195,15 +202,20 @@ def trace(recipe, gpus: int = 1, text_tokens: int = 32, fake: bool = True, amp: 
 
 def table(path: str, result: dict, budget_gb: float = 80.0) -> str:
     t, e = result["train"], result["embed"]
+    chunk = result["contrastive_chunk"]
+    cached = f", contrastive towers {chunk} at a time (gradient caching)" if chunk else ""
     rows = [f"{path}: per-GPU peak memory at {result['gpus']} GPUs (FakeTensor trace of one step; ville/memory.py)",
-            f"  train  batch/GPU {result['train_batch']}: traced peak {t['peak'] / GB:.2f} GB on one replica "
+            f"  train  batch/GPU {result['train_batch']}{cached}: traced peak {t['peak'] / GB:.2f} GB on one replica "
             f"(params {t['params'] / GB:.2f}, grads {t['grads'] / GB:.2f}, optimizer {t['optimizer'] / GB:.2f}); "
             f"FSDP per GPU {result['fsdp_train'] / GB:.2f} GB",
             f"  embed  batch/GPU {result['embed_batch']}: traced peak {e['peak'] / GB:.2f} GB on one replica; "
             f"FSDP per GPU {result['fsdp_embed'] / GB:.2f} GB"]
-    worst = max(result["fsdp_train"], result["fsdp_embed"]) / GB
+    # a DDP run trains with a whole replica (parameters, gradients, AdamW state) on every GPU
+    sharded = result["parallel"] == "fsdp"
+    worst = max(result["fsdp_train"] if sharded else t["peak"], result["fsdp_embed"]) / GB
     verdict = "fits" if worst <= 0.9 * budget_gb else "does NOT fit"
-    rows.append(f"  {verdict} {budget_gb:.0f} GB with 10 % headroom (worst {worst:.1f} GB)")
+    rows.append(f"  {verdict} {budget_gb:.0f} GB with 10 % headroom (worst {worst:.1f} GB, "
+                f"train.parallel={result['parallel']})")
     return "\n".join(rows)
 
 

@@ -268,9 +268,8 @@ def train(recipe: Recipe, info: distributed.DistInfo) -> str:
     def autocast():
         return torch.autocast(info.device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
 
-    if cfg.contrastive_chunk < 0 or (cfg.contrastive_chunk > 0 and distributed.is_sharded(model)):
-        raise ValueError(f"train.contrastive_chunk: expected 0 (off) or a chunk size >= 1 with train.parallel=ddp, got "
-                         f"{cfg.contrastive_chunk} with train.parallel={cfg.parallel}")
+    if cfg.contrastive_chunk < 0:
+        raise ValueError(f"train.contrastive_chunk: expected 0 (off) or a chunk size >= 1, got {cfg.contrastive_chunk}")
     for task, bs in cfg.tasks.items():
         if bs % info.world_size:
             raise ValueError(f"train.tasks.{task}: global batch {bs} is not divisible by world size {info.world_size}")
@@ -332,10 +331,10 @@ def train(recipe: Recipe, info: distributed.DistInfo) -> str:
             for micro in range(cfg.grad_accum):
                 batches = next_batches()
                 sync = micro == cfg.grad_accum - 1
-                if cfg.contrastive_chunk > 0:  # past the wrapper: its gradients are reduced below, by hand
+                if cfg.contrastive_chunk > 0:  # past DDP's wrapper, FSDP2's root hooks kept (ville/distributed.py)
                     with autocast():
-                        loss, comps = multitask_loss(model, batches, recipe.loss, cfg.contrastive_chunk,
-                                                     1.0 / cfg.grad_accum)
+                        loss, comps = distributed.forward_with_backward(model, lambda: multitask_loss(
+                            model, batches, recipe.loss, cfg.contrastive_chunk, 1.0 / cfg.grad_accum))
                 else:
                     with distributed.gradient_sync(wrapped, sync), autocast():
                         loss, comps = wrapped(batches, recipe.loss)
@@ -349,7 +348,7 @@ def train(recipe: Recipe, info: distributed.DistInfo) -> str:
                 for k, v in {"loss": float(loss.detach()), **comps}.items():
                     totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
             if cfg.contrastive_chunk > 0 and info.world_size > 1:
-                distributed.all_reduce_grads(model)  # what DDP's hooks do, once per step
+                distributed.reduce_cached_grads(model)  # DDP: what its hooks do, once per step; FSDP2: done
             if info.world_size > 1:  # log the global batch's numbers: the mean over ranks
                 names = sorted(totals)
                 means = distributed.all_reduce_mean(torch.tensor([totals[k] for k in names], dtype=torch.float64))

@@ -9,6 +9,10 @@ never hides the unrelated PyPI package `kernels` that transformers imports (docs
 """
 from .dispatch import backends, use_triton
 from .infonce import fused_infonce, infonce_ref
+from .infonce_parts import (NO_NEGATIVE, infonce_add_positive_grads, infonce_backward_from_lse, infonce_negative_lse,
+                            infonce_positive_dots)
 from .decode_attention import decode_attention, decode_attention_ref
 
 __all__ = ["backends", "use_triton", "fused_infonce", "infonce_ref", "decode_attention", "decode_attention_ref"]
+__all__ += ["NO_NEGATIVE", "infonce_negative_lse", "infonce_backward_from_lse", "infonce_positive_dots",
+            "infonce_add_positive_grads"]

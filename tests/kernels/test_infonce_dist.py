@@ -5,9 +5,16 @@ backpropagates; gradients are then averaged over ranks exactly as DDP does. Chec
 returned losses equals the global loss, each rank's feature gradients divided by the world size equal the global
 feature gradients of its slice, and the rank-averaged gradients of the projection and of logit_scale equal the
 single-process ones. Local batch sizes are unequal (5 and 8) and equal (6 and 6).
+
+The symmetric loss runs in 4 passes (one forward and one backward tile per rank, column statistics all-reduced):
+`_worker_4pass` checks it on 2 and 3 ranks against an fp64 reference of every rank's share, with uneven batches, a
+rank with no pairs, groups shared across ranks, columns without negatives, unequal upstream gradients per rank (and
+the error for mixed signs), counts the kernel calls of the 4-pass and the two-call layouts, and once runs the Triton
+kernels under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -16,7 +23,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from ville.contrastive import GatheredInfoNCE, all_gather_with_grad, gathered_infonce
+import ville_kernels.infonce as infonce_module
+from ville.contrastive import GatheredInfoNCE, _gathered_infonce_two_calls, all_gather_with_grad, gathered_infonce
 from ville_kernels import fused_infonce, infonce_ref
 
 WORLD = 2
@@ -117,6 +125,129 @@ def test_gathered_infonce_matches_single_process_on_two_gloo_ranks(monkeypatch):
     # fork, not spawn: the children inherit the imported modules (importing `ville` costs seconds per process) and
     # set one intra-op thread before any parallel region, so the parent's thread pool is never touched after fork.
     mp.start_processes(_worker, args=(_free_port(),), nprocs=WORLD, join=True, start_method="fork")
+
+
+def _terms_ref(q, p, logit_scale, groups):
+    """fp64, from the definition: each global pair i's row CE plus its column CE, with the logits of removed pairs
+    (same group, not the positive) at -inf. (T,)"""
+    logits = logit_scale * q @ p.T
+    if groups is not None:
+        removed = (groups[0][:, None] == groups[1][None, :]) & ~torch.eye(q.shape[0], dtype=torch.bool)
+        logits = logits.masked_fill(removed, float("-inf"))
+    return logits.logsumexp(1) + logits.logsumexp(0) - 2 * logits.diagonal()
+
+
+# (sizes, groups: None / "random" / "one" (no pair is a negative), upstream gradient per rank)
+CASES = {
+    2: [([5, 8], None, [1.0, 1.0]), ([5, 8], "random", [1.0, 1.0]), ([0, 7], "random", [1.0, 1.0]),
+        ([4, 9], "random", [0.5, 2.0]), ([6, 6], "random", [-1.0, -3.0]), ([1, 2], "one", [1.0, 1.0])],
+    3: [([3, 0, 5], "random", [1.0, 1.0, 1.0]), ([4, 6, 2], "random", [1.0, 2.0, 3.0]),
+        ([2, 5, 3], None, [2.0, 1.0, 0.25])],
+}
+
+
+def _check_4pass(rank, world, index, sizes, groups_kind, upstream, tol=2e-5):
+    what = f"world={world} sizes={sizes} groups={groups_kind} upstream={upstream} rank={rank}"
+    total, lo, hi = sum(sizes), sum(sizes[:rank]), sum(sizes[: rank + 1])
+    video, text, proj, log_scale, groups = _global_batch(2000 + index, total)
+    if groups_kind is None:
+        groups = None
+    elif groups_kind == "one":
+        groups = (torch.zeros(total, dtype=torch.long), torch.zeros(total, dtype=torch.long))
+
+    # Expected: rank r's share W / T * 0.5 * (its rows' + its columns' CE); the objective sum_r g_r * share_r.
+    proj_g = proj.double().requires_grad_()
+    log_scale_g = log_scale.double().requires_grad_()
+    loss_g, q_g, p_g = _forward(proj_g, log_scale_g, video.double(), text.double(),
+                                lambda q, p, s: _terms_ref(q, p, s, groups))
+    shares = torch.stack([loss_g[sum(sizes[:r]): sum(sizes[: r + 1])].sum() for r in range(world)])
+    shares = shares * world / total / 2
+    _close(shares.sum().detach() / world, infonce_ref(q_g.detach(), p_g.detach(), log_scale.double().exp(),
+                                                       groups=groups), f"{what}: shares vs infonce_ref")
+    (shares * torch.tensor(upstream, dtype=torch.float64)).sum().backward()
+
+    proj_l = proj.clone().requires_grad_()
+    log_scale_l = log_scale.clone().requires_grad_()
+    local_groups = None if groups is None else (groups[0][lo:hi], groups[1][lo:hi])
+    loss_l, q_l, p_l = _forward(proj_l, log_scale_l, video[lo:hi], text[lo:hi], gathered_infonce,
+                                groups=local_groups)
+    (loss_l * upstream[rank]).backward()
+    assert torch.isfinite(loss_l), what
+    _close(loss_l.detach().double(), shares[rank].detach(), f"{what}: this rank's loss", tol)
+    if hi > lo:
+        _close(q_l.grad.double(), q_g.grad[lo:hi], f"{what}: d objective / d q (local slice)", tol)
+        _close(p_l.grad.double(), p_g.grad[lo:hi], f"{what}: d objective / d p (local slice)", tol)
+    for name, local, single in (("projection", proj_l.grad, proj_g.grad),
+                                ("log logit_scale", log_scale_l.grad, log_scale_g.grad)):
+        summed = local.clone()
+        dist.all_reduce(summed)
+        _close(summed.double(), single, f"{what}: summed d objective / d {name}", tol)
+
+
+def _count_tile_calls(rank, world, loss_fn):
+    """(forward, backward) calls of the chunked kernels for one loss + backward on this rank."""
+    counts = [0, 0]
+    fwd, bwd = infonce_module._infonce_fwd_torch, infonce_module._infonce_bwd_torch
+
+    def counted_fwd(*args):
+        counts[0] += 1
+        return fwd(*args)
+
+    def counted_bwd(*args):
+        counts[1] += 1
+        return bwd(*args)
+
+    infonce_module._infonce_fwd_torch, infonce_module._infonce_bwd_torch = counted_fwd, counted_bwd
+    try:
+        video, text, proj, log_scale, _ = _global_batch(7, 4 * world)
+        lo, hi = 4 * rank, 4 * rank + 4
+        loss, _, _ = _forward(proj.clone().requires_grad_(), log_scale.clone().requires_grad_(), video[lo:hi],
+                              text[lo:hi], loss_fn)
+        loss.backward()
+    finally:
+        infonce_module._infonce_fwd_torch, infonce_module._infonce_bwd_torch = fwd, bwd
+    return tuple(counts)
+
+
+def _worker_4pass(rank: int, world: int, port: int, interpret: bool):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        if interpret:  # the Triton kernels through the interpreter: one small case with groups and unequal g
+            assert os.environ.get("TRITON_INTERPRET") == "1" and infonce_module._kernels_interpreted()
+            _check_4pass(rank, world, 0, [3, 6], "random", [1.0, 2.0], tol=1e-4)
+            return
+        for index, (sizes, groups_kind, upstream) in enumerate(CASES[world]):
+            _check_4pass(rank, world, index, sizes, groups_kind, upstream)
+        assert _count_tile_calls(rank, world, gathered_infonce) == (1, 1)
+        assert _count_tile_calls(rank, world, _gathered_infonce_two_calls) == (2, 2)
+
+        # Upstream gradients of both signs cannot be folded into the column statistics: one clear error, every rank.
+        video, text, proj, log_scale, _ = _global_batch(9, 3 * world)
+        loss, _, _ = _forward(proj.clone().requires_grad_(), log_scale.clone(), video[3 * rank: 3 * rank + 3],
+                              text[3 * rank: 3 * rank + 3], gathered_infonce)
+        with pytest.raises(ValueError, match="upstream gradients of the loss must be equal or all nonzero"):
+            (loss * (1.0 if rank == 0 else -1.0)).backward()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("world", [2, 3])
+def test_gathered_infonce_4pass_matches_fp64_reference(monkeypatch, world):
+    monkeypatch.setenv("VILLE_KERNELS", "torch")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    mp.start_processes(_worker_4pass, args=(world, _free_port(), False), nprocs=world, join=True,
+                       start_method="fork")
+
+
+@pytest.mark.timeout(300)
+def test_gathered_infonce_4pass_triton_interpreted(monkeypatch):
+    pytest.importorskip("triton")
+    # spawn: triton reads TRITON_INTERPRET when ville_kernels is imported, so the children need fresh interpreters.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("VILLE_KERNELS", raising=False)
+    mp.start_processes(_worker_4pass, args=(2, _free_port(), True), nprocs=2, join=True, start_method="spawn")
 
 
 def test_single_process_falls_back_to_fused_infonce():

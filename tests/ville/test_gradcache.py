@@ -97,7 +97,7 @@ def test_bad_chunk_is_named():
 @pytest.mark.parametrize("chunk,grad_scale", [(2, 1.0), (5, 0.5)])
 def test_caption_step_through_multitask_loss_equals_unchunked(chunk, grad_scale, one_thread, monkeypatch):
     """`train.contrastive_chunk`: the caption task's LM + contrastive + halting step through multitask_loss with
-    gradient caching (its gradients accumulated inside, the rest by the caller's backward of the total) gives the
+    gradient caching and the LM term in chunks (their gradients accumulated inside, the rest by the caller's backward of the total) gives the
     loss and every gradient of the plain step; `grad_scale` (1 / grad_accum) scales both parts alike."""
     from ville.losses import multitask_loss
 
@@ -110,16 +110,37 @@ def test_caption_step_through_multitask_loss_equals_unchunked(chunk, grad_scale,
     ref_grads = _grads(model)
     from ville import gradcache
 
-    calls = []
+    calls, lm_sizes = [], []
     monkeypatch.setattr(gradcache, "grad_cache", lambda *a, **k: calls.append(a[1]) or grad_cache(*a, **k))
+    lm_loss = model.lm_loss
+    monkeypatch.setattr(model, "lm_loss", lambda fr, pr, tg, **k: lm_sizes.append(len(tg)) or lm_loss(fr, pr, tg, **k))
     loss, comps = multitask_loss(model, batch, cfg, contrastive_chunk=chunk, grad_scale=grad_scale)
     assert [len(c) for c in calls[0]] == [-(-len(TEXTS) // chunk)] * 2  # both towers ran in chunks
-    (loss * grad_scale).backward()
+    assert max(lm_sizes) <= chunk and sum(lm_sizes) == len(TEXTS)  # and so did the LM term of the same captions
+    assert not loss.requires_grad  # every term was back-propagated inside, as the trainer expects
     grads = _grads(model)
     torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
     assert comps.keys() == ref_comps.keys()
     for k in ("lm_caption", "contrastive_caption", "halting_caption"):
         assert comps[k] == pytest.approx(ref_comps[k], rel=1e-5), k
     assert grads.keys() == ref_grads.keys() and "logit_scale" in grads
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()), msg=name)
+
+
+def test_lm_loss_in_chunks_equals_the_whole_batch(one_thread):
+    """lm_loss_cached (chunks of 4 and 2 of 6 captions of different lengths, weight 0.5): the loss and every
+    gradient of 0.5 * lm_loss on the whole batch."""
+    from ville.gradcache import lm_loss_cached
+
+    model = _model()
+    fr, prompts = frames(len(TEXTS), seed=8), ["describe the video"] * len(TEXTS)
+    ref = model.lm_loss(fr, prompts, TEXTS)
+    (0.5 * ref).backward()
+    ref_grads = _grads(model)
+    loss = lm_loss_cached(model, fr, prompts, TEXTS, 4, weight=0.5)
+    grads = _grads(model)
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-6, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
     for name, g in ref_grads.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()), msg=name)
