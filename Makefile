@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # uv sync installs into this folder (default .venv) with the interpreter .python-version names.
 export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
 
-.PHONY: venv test demo bench upgrade lowest clean gpu-check
+.PHONY: venv test demo ablate bench upgrade lowest clean gpu-check
 
 $(CURDIR)/.uv/bin/uv:
 	python3 -m venv $(CURDIR)/.uv && $(CURDIR)/.uv/bin/pip install -q uv==$(UV_VERSION)
@@ -30,6 +30,9 @@ test: venv
 
 demo: venv
 	$(PY) -m ville.demo
+
+ablate: venv
+	$(PY) -m ville.ablate
 
 bench: venv
 	$(PY) bench/bench_infonce.py

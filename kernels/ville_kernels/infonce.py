@@ -99,6 +99,15 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _grouped_block(pid, blocks_n, blocks_m, GROUP_N: tl.constexpr):
+        """(row block, column block) of program `pid` in grouped order: GROUP_N row blocks sweep the columns
+        together, so a p tile is reused from L2."""
+        width = GROUP_N * blocks_m
+        first_rb = (pid // width) * GROUP_N
+        group_size = tl.minimum(blocks_n - first_rb, GROUP_N)
+        return first_rb + (pid % width) % group_size, (pid % width) // group_size
+
+    @triton.jit
     def _infonce_negatives(rows, cols, row_in, col_in, LABELS, ROW_GROUPS, COL_GROUPS, HAS_GROUPS: tl.constexpr):
         """Mask of a tile's negative pairs: in range, not the row's positive, not removed by groups (same group)."""
         labels = tl.load(LABELS + rows, mask=row_in, other=-1).to(tl.int32)  # int32 masks: half the registers
@@ -205,15 +214,7 @@ if triton is not None:
         at most 2), where the old order lost every negative.
 
         LSE_ROW / LSE_COL: full log-sum-exps in log2 units, LSE_COL = +inf for columns that are no row's label."""
-        pid = tl.program_id(0)
-        # Grouped order: GROUP_N row blocks sweep the columns together, so a p tile is reused from L2.
-        blocks_n = tl.cdiv(N, BLOCK_N)
-        blocks_m = tl.cdiv(M, BLOCK_M)
-        width = GROUP_N * blocks_m
-        first_rb = (pid // width) * GROUP_N
-        group_size = tl.minimum(blocks_n - first_rb, GROUP_N)
-        rb = first_rb + (pid % width) % group_size
-        cb = (pid % width) // group_size
+        rb, cb = _grouped_block(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(M, BLOCK_M), GROUP_N)
 
         rows = rb * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = cb * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -37,7 +37,7 @@ from .infonce import _LOG2E, _grad_tile_scale, _launch_common, _register_cap, tr
 if triton is not None:
     import triton.language as tl
 
-    from .infonce import _infonce_logit_tile, _infonce_negatives
+    from .infonce import _grouped_block, _infonce_logit_tile, _infonce_negatives
 
 __all__ = ["GEMM_CHUNK_BYTES", "gemm_chunk_rows"]
 
@@ -59,15 +59,7 @@ if triton is not None:
         (ROWS, M) in G's dtype; atomically add sum(H * q.p) to DSCALE_PART[global row block] and the negatives'
         softmax mass to NEG_ROW (N,) and NEG_COL (M,). LSE_*: full log-sum-exps in log2 units, LSE_COL = +inf for
         columns that are no row's label. ROW0 is a multiple of BLOCK_N."""
-        pid = tl.program_id(0)
-        # Grouped order: GROUP_N row blocks sweep the columns together, so a p tile is reused from L2.
-        blocks_n = tl.cdiv(ROWS, BLOCK_N)
-        blocks_m = tl.cdiv(M, BLOCK_M)
-        width = GROUP_N * blocks_m
-        first_rb = (pid // width) * GROUP_N
-        group_size = tl.minimum(blocks_n - first_rb, GROUP_N)
-        rb = first_rb + (pid % width) % group_size
-        cb = (pid % width) // group_size
+        rb, cb = _grouped_block(tl.program_id(0), tl.cdiv(ROWS, BLOCK_N), tl.cdiv(M, BLOCK_M), GROUP_N)
 
         local = rb * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = ROW0 + local

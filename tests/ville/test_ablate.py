@@ -1,0 +1,99 @@
+"""`python -m ville.ablate`: which trainings each row needs, how seeds enter, the table's statistics, and a real
+two-row run on a small benchmark that a second invocation continues without retraining or re-evaluating."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from omegaconf import OmegaConf
+
+from ville import ablate as A
+from ville.config import apply_overrides
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _ancestry(name):
+    chain = []
+    while name:
+        chain.append(A.NODES[name])
+        name = A.NODES[name].parent
+    return chain[::-1]
+
+
+def test_rows_train_what_their_names_say():
+    for row in A.ROWS:
+        assert row.node in A.NODES, row
+    stages = {row.name: [n.stage for n in _ancestry(row.node)] for row in A.ROWS}
+    assert stages["G+C+M"] == [1, 2, 3] and stages["G+C"] == [1] and stages["C"] == [1] and stages["G"] == [1]
+    assert stages["without stage 1"] == [2, 3] and stages["without stage 2"] == [1, 3]
+    assert [n.name for n in _ancestry("gcm3")][:1] == ["gc1"]  # G+C+M continues G+C, not another stage 1
+    assert A.NODES["c1"].overrides == ("loss.lm=0",) and A.NODES["g1"].overrides == ("loss.contrastive=0",)
+    assert A.NODES["gcm3-no-matching"].overrides == ("loss.matching=0",)
+    for name in ("C", "G+C", "G+C+M", "fixed 1", "fixed 5", "fixed 10"):
+        assert len(next(r for r in A.ROWS if r.name == name).seeds) == 3, name
+
+
+def test_train_node_chains_parents_and_seeds(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_stage(stage, data, runs, extra):
+        calls.append((stage, runs, extra))
+        return os.path.join(runs, f"stage{stage}", "final")
+
+    monkeypatch.setattr(A.demo, "train_stage", fake_stage)
+    final = A.train_node("gcm3", 2, "data", str(tmp_path), ["train.max_steps=3"])
+    assert [c[0] for c in calls] == [1, 2, 3]
+    assert final == os.path.join(str(tmp_path), "seed2", "gcm3", "stage3", "final")
+    for (stage, runs, extra), parent in zip(calls, (None, calls[0], calls[1])):
+        want = "null" if parent is None else os.path.join(parent[1], f"stage{parent[0]}", "final")
+        assert f"train.init_from={want}" in extra
+        assert f"train.seed={stage + 200}" in extra and f"data.seed={stage + 200}" in extra
+        assert extra[-1] == "train.max_steps=3"
+    # demo.train_stage puts its own init_from first; a later dotted override wins.
+    merged = apply_overrides("x.yaml", OmegaConf.create({"train": {"init_from": None}}),
+                             ["train.init_from=a", "train.init_from=b"])
+    assert merged.train.init_from == "b"
+    calls.clear()
+    A.train_node("gc1", 0, "data", str(tmp_path), [])
+    assert not any("seed=" in o for o in calls[0][2])  # seed 0 keeps the recipes' (the demo's) seeds
+
+
+def test_summary_and_table():
+    results = {"C": {0: {"T2V R@1": 10.0, "V2T R@1": 8.0}, 1: {"T2V R@1": 14.0, "V2T R@1": 9.0},
+                     2: {"T2V R@1": 12.0, "V2T R@1": 7.0}},
+               "G": {0: {"T2V R@1": 1.5, "V2T R@1": None}}}
+    s = A.summarise(results)
+    assert s["C"]["T2V R@1"] == {"mean": 12.0, "min": 10.0, "max": 14.0, "n": 3}
+    assert "V2T R@1" not in s["G"]
+    table = A.markdown(s).splitlines()
+    assert table[2].startswith("| C | 3 | 12.00 (10.00..14.00) | 8.00 (7.00..9.00) | - |")
+    assert table[3].startswith("| G | 1 | 1.50 | - |")
+
+
+def test_unknown_row_is_one_line(capsys):
+    assert A.main(["--rows", "G+C", "H"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown row(s) ['H']" in err[0]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_two_rows_run_and_a_rerun_reuses_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)  # recipes/tiny/*.yaml are read relative to the repository, as `make ablate` runs it
+    data, runs = str(tmp_path / "data"), str(tmp_path / "runs")
+    argv = ["--data", data, "--runs", runs, "--rows", "G+C", "fixed 1", "--seeds", "1", "--eval-clips", "6",
+            "--num-train", "48", "--num-val", "0", "--num-test", "6", "--num-compositional", "0",
+            "--num-composed", "0", "--train-overrides", "train.max_steps=2", "train.save_every=1",
+            "data.num_workers=0"]
+    assert A.main(argv) == 0
+    out = json.load(open(os.path.join(runs, "ablation.json")))
+    assert set(out["seeds"]) == {"G+C", "fixed 1"}
+    assert out["seeds"]["fixed 1"]["0"]["mean tokens"] == 1.0  # every video embedded with exactly one token
+    for name in ("ablation.md", "ablation.png"):
+        assert os.path.getsize(os.path.join(runs, name)) > 0
+    capsys.readouterr()
+    assert A.main(argv) == 0
+    log = capsys.readouterr().out
+    assert "exists, not retraining" in log and "training stage" not in log
+    assert json.load(open(os.path.join(runs, "ablation.json")))["seeds"] == out["seeds"]

@@ -1,0 +1,242 @@
+"""The paper's ablations in miniature (`make ablate`): each row a real training run of the tiny recipes on the demo's
+synthetic benchmark, the same data for every row, evaluated on the test split.
+
+Rows (ViLL-E's Table 5 / 6 in miniature; ../shared/PAPER.md):
+    C                       stage 1 with the contrastive loss only (`loss.lm=0`)
+    G                       stage 1 with the LM loss only (`loss.contrastive=0`): embeddings read out untrained
+    G+C                     stage 1 as the demo trains it
+    G+C+M                   stages 1 -> 2 -> 3 (the demo's final model)
+    G+C+M without matching  stage 3 with `loss.matching=0`
+    without stage 1         stage 2 from scratch -> stage 3
+    without stage 2         stage 1 -> stage 3
+    fixed 1 / 5 / 10, adaptive   the G+C+M model embedding every video with exactly k tokens, or adaptively
+                            (10 is past the tiny recipes' maximum of 8: the last step's stop bias is reused)
+
+Headline rows (C, G+C, G+C+M and the fixed/adaptive comparison) run with three seeds and report mean and spread
+(min..max); the others with seed 0, the demo's seeds. Seed s > 0 adds 100 * s to every stage's `train.seed` and
+`data.seed`, so the spread covers initialisation and data order. Trainings are shared between rows (G+C+M continues
+G+C's stage 1), a finished stage is never retrained, an interrupted one resumes from its checkpoint, and an evaluated
+row is read back from its JSON: rerunning the command after a crash continues where it stopped.
+
+Output: `RUNS/ablation.md` (table), `RUNS/ablation.json` (every number and seed), `RUNS/ablation.png` (T2V R@1 per
+row with the seeds' spread, and R@1 against ms per video for fixed and adaptive lengths).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+from . import demo
+
+HEADLINE_SEEDS = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class Node:
+    """One training run: recipes/tiny/stage{stage}.yaml from `parent`'s final model (None: from scratch)."""
+    name: str
+    stage: int
+    parent: str | None
+    overrides: tuple = ()
+
+
+NODES = {n.name: n for n in (
+    Node("gc1", 1, None),
+    Node("c1", 1, None, ("loss.lm=0",)),
+    Node("g1", 1, None, ("loss.contrastive=0",)),
+    Node("gc2", 2, "gc1"),
+    Node("gcm3", 3, "gc2"),
+    Node("gcm3-no-matching", 3, "gc2", ("loss.matching=0",)),
+    Node("no1-2", 2, None),
+    Node("no1-3", 3, "no1-2"),
+    Node("no2-3", 3, "gc1"),
+)}
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    node: str
+    seeds: tuple = (0,)
+    fixed_tokens: int | None = None  # embed every video with exactly this many tokens (None: adaptive)
+    tasks: tuple = ("retrieval", "adaptive")
+
+
+ROWS = (
+    Row("C", "c1", HEADLINE_SEEDS),
+    Row("G", "g1"),
+    Row("G+C", "gc1", HEADLINE_SEEDS),
+    Row("G+C+M", "gcm3", HEADLINE_SEEDS),
+    Row("G+C+M without matching", "gcm3-no-matching"),
+    Row("without stage 1", "no1-3"),
+    Row("without stage 2", "no2-3"),
+    Row("fixed 1", "gcm3", HEADLINE_SEEDS, fixed_tokens=1),
+    Row("fixed 5", "gcm3", HEADLINE_SEEDS, fixed_tokens=5),
+    Row("fixed 10", "gcm3", HEADLINE_SEEDS, fixed_tokens=10),
+)
+METRICS = ("T2V R@1", "V2T R@1", "T2V R@5", "mean tokens", "ms / video")
+
+
+def seed_overrides(stage: int, seed: int) -> list[str]:
+    """Seed 0: the recipes' own seeds (the demo's); seed s: every seed + 100 s."""
+    if seed == 0:
+        return []
+    return [f"train.seed={stage + 100 * seed}", f"data.seed={stage + 100 * seed}"]
+
+
+def train_node(name: str, seed: int, data: str, runs: str, extra: list[str]) -> str:
+    """Train `name` (and its parents first) for `seed`; -> its final model folder. Finished stages are reused."""
+    node = NODES[name]
+    parent = train_node(node.parent, seed, data, runs, extra) if node.parent else None
+    seed_dir = os.path.join(runs, f"seed{seed}", name)
+    # demo.train_stage names its folder stage{k} and initialises from stage{k-1} under the same root; the explicit
+    # init_from below (listed after its own) points it at this node's parent instead.
+    return demo.train_stage(node.stage, data, seed_dir, [
+        *seed_overrides(node.stage, seed), f"train.init_from={parent or 'null'}", *node.overrides, *extra])
+
+
+def evaluate_row(row: Row, seed: int, final: str, data: str, runs: str, eval_clips: int) -> dict:
+    """The row's headline numbers for one seed, read back from its JSON when it was evaluated before."""
+    from .eval import evaluate
+    from .model import ViLLE
+
+    out = os.path.join(runs, "eval", f"{row.name.replace(' ', '_').replace('/', '-')}-seed{seed}.json")
+    if os.path.isfile(out):
+        with open(out) as f:
+            return json.load(f)["ablation"]
+    if row.fixed_tokens is None:
+        res = evaluate(final, data, tasks=list(row.tasks), split="test", max_clips=eval_clips, out=out)
+    else:
+        model = ViLLE.from_pretrained(final)
+        e = model.cfg.embed
+        e.min_embed_tokens = e.max_embed_tokens = row.fixed_tokens
+        # No cache: the cache is keyed by the trained model, and its embeddings are the adaptive ones.
+        res = evaluate(model, data, tasks=list(row.tasks), split="test", max_clips=eval_clips, out=out, cache_dir="")
+    ret = res["retrieval"]["single_caption"]
+    ad = res["adaptive"]
+    numbers = {"T2V R@1": ret["t2v"]["R@1"], "V2T R@1": ret["v2t"]["R@1"], "T2V R@5": ret["t2v"]["R@5"],
+               "mean tokens": ad["mean_tokens"], "ms / video": ad["latency_ms_per_video"]["median"],
+               "chance T2V R@1": ret["chance"]["t2v"]["R@1"]}
+    with open(out) as f:
+        saved = json.load(f)
+    saved["ablation"] = numbers
+    with open(out, "w") as f:
+        json.dump(saved, f, indent=1)
+    return numbers
+
+
+def summarise(results: dict[str, dict[int, dict]]) -> dict[str, dict[str, dict]]:
+    """{row: {seed: numbers}} -> {row: {metric: {"mean", "min", "max", "n"}}}."""
+    out = {}
+    for row, by_seed in results.items():
+        out[row] = {}
+        for m in METRICS:
+            values = [v[m] for v in by_seed.values() if v.get(m) is not None]
+            if values:
+                out[row][m] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
+                               "n": len(values)}
+    return out
+
+
+def markdown(summary: dict[str, dict[str, dict]]) -> str:
+    """Mean over seeds, with min..max where there are several."""
+    lines = ["| row | seeds | " + " | ".join(METRICS) + " |", "|---|---:|" + "---:|" * len(METRICS)]
+    for row, ms in summary.items():
+        n = max((s["n"] for s in ms.values()), default=0)
+        cells = []
+        for m in METRICS:
+            s = ms.get(m)
+            if s is None:
+                cells.append("-")
+            elif s["n"] > 1:
+                cells.append(f"{s['mean']:.2f} ({s['min']:.2f}..{s['max']:.2f})")
+            else:
+                cells.append(f"{s['mean']:.2f}")
+        lines.append(f"| {row} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict[str, dict[str, dict]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    rows = [r for r in summary if not r.startswith("fixed") and "T2V R@1" in summary[r]]
+    means = [summary[r]["T2V R@1"]["mean"] for r in rows]
+    err = [[m - summary[r]["T2V R@1"]["min"] for r, m in zip(rows, means)],
+           [summary[r]["T2V R@1"]["max"] - m for r, m in zip(rows, means)]]
+    left.bar(range(len(rows)), means, yerr=err, capsize=4, color="tab:blue")
+    left.set_xticks(range(len(rows)), rows, rotation=30, ha="right")
+    left.set_ylabel("T2V R@1 (%)")
+    left.set_title("ablations (bars: min..max over seeds)")
+    for r in ("fixed 1", "fixed 5", "fixed 10", "G+C+M"):
+        if r in summary and "ms / video" in summary[r]:
+            r1 = summary[r]["T2V R@1"]
+            right.errorbar(summary[r]["ms / video"]["mean"], r1["mean"],
+                           yerr=[[r1["mean"] - r1["min"]], [r1["max"] - r1["mean"]]],
+                           fmt="o", capsize=4, label=r if r != "G+C+M" else "adaptive")
+    right.set_xlabel("ms per video (embedding, median)")
+    right.set_ylabel("T2V R@1 (%)")
+    right.set_title("fixed vs adaptive embedding length")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ville.ablate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default="data/synth")
+    ap.add_argument("--runs", default="runs/ablate")
+    ap.add_argument("--rows", nargs="*", help=f"only these rows (default: all of {[r.name for r in ROWS]})")
+    ap.add_argument("--seeds", type=int, help="at most this many seeds per headline row (default 3)")
+    ap.add_argument("--eval-clips", type=int, default=200, help="clips of the test split per evaluation")
+    ap.add_argument("--train-overrides", nargs="*", default=[], help="extra dotted overrides for every training")
+    for name, default in (("num-train", 3000), ("num-val", 100), ("num-test", 300), ("num-compositional", 200),
+                          ("num-composed", 200)):
+        ap.add_argument(f"--{name}", type=int, default=default, help="benchmark size when it must be generated")
+    args = ap.parse_args(argv)
+    known = {r.name: r for r in ROWS}
+    unknown = [r for r in args.rows or [] if r not in known]
+    if unknown:
+        print(f"error: --rows: unknown row(s) {unknown}; choose from {list(known)}", file=sys.stderr)
+        return 2
+    rows = [known[r] for r in args.rows] if args.rows else list(ROWS)
+    t0 = time.time()
+    demo.generate(args.data, args)
+    results: dict[str, dict[int, dict]] = {}
+    for row in rows:
+        for seed in row.seeds[: args.seeds or None]:
+            final = train_node(row.node, seed, args.data, args.runs, args.train_overrides)
+            t = time.time()
+            results.setdefault(row.name, {})[seed] = evaluate_row(row, seed, final, args.data, args.runs,
+                                                                  args.eval_clips)
+            print(f"[ablate] {row.name}, seed {seed}: {results[row.name][seed]} ({time.time() - t:.0f} s to evaluate)")
+    summary = summarise(results)
+    header = (f"ville ablations: {args.num_train} synthetic training clips, {args.eval_clips} test clips; "
+              f"{time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} CPU, {time.time() - t0:.0f} s "
+              f"(this invocation; finished trainings and evaluations are reused)")
+    table = markdown(summary)
+    print(header)
+    print(table)
+    os.makedirs(args.runs, exist_ok=True)
+    with open(os.path.join(args.runs, "ablation.md"), "w") as f:
+        f.write(header + "\n\n" + table + "\n")
+    with open(os.path.join(args.runs, "ablation.json"), "w") as f:
+        json.dump({"header": header, "summary": summary,
+                   "seeds": {r: {str(s): v for s, v in by.items()} for r, by in results.items()}}, f, indent=1)
+    plot(summary, os.path.join(args.runs, "ablation.png"))
+    print(f"[ablate] {args.runs}/ablation.md, ablation.json, ablation.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
