@@ -15,11 +15,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 RECIPE = os.path.join(ROOT, "recipes", "tiny", "stage1.yaml")
 OVERRIDES = ["data.num_frames=4", "train.tasks.caption=48"]
 
-# Runs in a fresh process: the step's peak is ru_maxrss minus the resident size before it. A first small step loads
-# every library and kernel first, and glibc returns freed blocks over 64 KiB to the system
-# (MALLOC_MMAP_THRESHOLD_), so the high-water mark follows the live bytes.
+# Runs in a fresh process: the step's peak is the high-water mark of its resident size (VmHWM) minus the resident size
+# before it. A first small step loads every library and kernel first, and glibc returns freed blocks over 64 KiB to
+# the system (MALLOC_MMAP_THRESHOLD_), so the high-water mark follows the live bytes. Not ru_maxrss: Linux carries
+# the parent's high-water mark into a child started by vfork + exec (subprocess does), so after a test that grew the
+# pytest process past the step's peak (tests/ville/test_ablate.py), ru_maxrss measured the parent (641 MB in CI).
 MEASURE = f"""
-import os, resource, torch
+import os, torch
 torch.set_num_threads(1)
 from ville import memory
 from ville.config import load_recipe
@@ -28,7 +30,8 @@ def rss():
 memory.trace(load_recipe({RECIPE!r}, ["train.tasks.caption=2"]), 1, fake=False, amp=False, embed=False)
 before = rss()
 memory.trace(load_recipe({RECIPE!r}, {OVERRIDES!r}), 1, fake=False, amp=False, embed=False)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(int(hwm.split()[1]) * 1024 - before)
 """
 
 
@@ -65,7 +68,7 @@ def test_train_estimate_memory_flag(capsys):
 
 def test_gradient_caching_is_traced(one_thread):
     """train.contrastive_chunk: the trace runs the step through gradient caching, as the trainer does, so the peak
-    holds one chunk's tower activations (the caption task's LM pass still holds the whole batch's)."""
+    holds one chunk's tower and LM activations."""
     ov = ["data.num_frames=2", "train.tasks.caption=8"]
     plain = memory.trace(load_recipe(RECIPE, ov), 1, amp=False, embed=False)["train"]
     cached = memory.trace(load_recipe(RECIPE, ov + ["train.contrastive_chunk=2"]), 1, amp=False, embed=False)["train"]
