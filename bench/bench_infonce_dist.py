@@ -19,12 +19,9 @@ Usage
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import socket
 import statistics
-import subprocess
 import sys
 import time
 
@@ -38,6 +35,8 @@ sys.path.insert(0, REPO)
 
 from ville.contrastive import _gathered_infonce_two_calls, gathered_infonce  # noqa: E402
 from ville_kernels import native  # noqa: E402
+
+import bench_infonce  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 PROVIDERS = {"4pass": (gathered_infonce, "torch"), "2call-torch": (_gathered_infonce_two_calls, "torch"),
              "2call-csrc": (_gathered_infonce_two_calls, "")}
@@ -111,25 +110,9 @@ def _parse_size(text: str) -> int:
 
 
 def _header(world: int) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    try:
-        import triton
-        triton_version = triton.__version__
-    except Exception:
-        triton_version = "none"
-    return (f"# {datetime.date.today()} device: {cpu} ({os.cpu_count()} cores), {world} gloo ranks x 1 thread | "
-            f"torch {torch.__version__} | triton {triton_version} | csrc {'loaded' if native.LOADED else 'absent'}"
-            f" | commit {commit}")
+    """bench_infonce's header line (device, torch, triton, commit, time) plus the ranks and the csrc state."""
+    return (f"{bench_infonce.header(torch.device('cpu'))} | {world} gloo ranks x 1 thread | "
+            f"csrc {'loaded' if native.LOADED else 'absent'}")
 
 
 def main(argv=None):

@@ -443,8 +443,8 @@ class ViLLE(nn.Module):
             num[act] = torch.where(stopped, t + first + 1, num[act])
             done[act] = done[act] | stopped
             possible = (steps + 1 >= kmin) if schedule is None else torch.ones_like(steps, dtype=torch.bool)
-            row_steps += int((record & possible[None]).sum())
-            stops += int(stopped.sum())
+            seen = torch.stack([(record & possible[None]).sum(), stopped.sum()]).tolist()  # one host sync
+            row_steps, stops = row_steps + seen[0], stops + seen[1]
             t += chunk
             if t == K:
                 break
