@@ -2,8 +2,9 @@
 synthetic benchmark, the same data for every row, evaluated on the test split.
 
 Rows (ViLL-E's Table 5 / 6 in miniature; ../shared/PAPER.md):
-    C                       stage 1 with the contrastive loss only (`loss.lm=0`)
-    G                       stage 1 with the LM loss only (`loss.contrastive=0`): embeddings read out untrained
+    C                       stage 1 with the contrastive losses only (`loss.lm=0`, caption batches only)
+    G                       stage 1 with the LM loss only (`loss.contrastive=0 loss.swap=0`): embeddings read out
+                            untrained
     G+C                     stage 1 as the demo trains it
     G+C+M                   stages 1 -> 2 -> 3 (the demo's final model)
     G+C+M without matching  stage 3 with `loss.matching=0`
@@ -48,8 +49,9 @@ class Node:
 
 NODES = {n.name: n for n in (
     Node("gc1", 1, None),
-    Node("c1", 1, None, ("loss.lm=0",)),
-    Node("g1", 1, None, ("loss.contrastive=0",)),
+    # C drops stage 1's QA batches too: with loss.lm=0 they would cost tower passes and train nothing.
+    Node("c1", 1, None, ("loss.lm=0", "train.tasks.qa=0")),
+    Node("g1", 1, None, ("loss.contrastive=0", "loss.swap=0")),
     Node("gc2", 2, "gc1"),
     Node("gcm3", 3, "gc2"),
     Node("gcm3-no-matching", 3, "gc2", ("loss.matching=0",)),

@@ -215,6 +215,11 @@ class LossCfg:
     halting_min_batch: int = 16  # tasks whose global batch is smaller do not feed the halting loss
     embed_steps: str = "all"  # "all": contrastive loss averaged over every prefix length; "last": step K only
     halting_target: str = "rank"  # "rank": already ranks first by the margin; "sentences": detailed-caption length
+    # Swapped-word negatives (ours, after NegCLIP): a caption holding two different words of one class of
+    # `swap_classes` (two colours, two shapes) gets a copy with those two words exchanged, and the video must score
+    # its caption above each copy (losses.swap_loss). 0 disables.
+    swap: float = 0.0
+    swap_classes: list[list[str]] = field(default_factory=list)
 
 
 @dataclass
@@ -285,8 +290,11 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
     for key in ("max_steps", "save_every", "log_every", "grad_accum"):
         if getattr(recipe.train, key) < 1:
             raise ValueError(f"{path}: train.{key} must be >= 1, got {getattr(recipe.train, key)}")
-    if not recipe.train.tasks or any(b < 1 for b in recipe.train.tasks.values()):
-        raise ValueError(f"{path}: train.tasks must map tasks to batch sizes >= 1, got {recipe.train.tasks}")
+    # Batch size 0 turns a task off, so an override can drop a recipe's task (overrides merge into the mapping).
+    if any(b < 0 for b in recipe.train.tasks.values()) or not any(recipe.train.tasks.values()):
+        raise ValueError(f"{path}: train.tasks must map tasks to batch sizes >= 0, at least one >= 1, got "
+                         f"{recipe.train.tasks}")
+    recipe.train.tasks = {t: b for t, b in recipe.train.tasks.items() if b > 0}
     if recipe.data.train_shards is None:
         raise ValueError(f"{path}: data.train_shards is required")
     return recipe

@@ -1,7 +1,8 @@
 """The demo (`make demo`): synthetic benchmark -> tiny stages 1-3 -> evaluation -> the table.
 
 1. `python -m data_tools.synth` writes the benchmark to `data/synth` unless it is already there (same seed, same
-   bytes). It runs as a subprocess: `ville` never imports `data_tools`.
+   bytes). It runs as a subprocess: `ville` never imports `data_tools`. `python -m data_tools.binding` writes the
+   attribute-binding pairs (fresh clips) to `data/synth/binding` the same way, unless they are there.
 2. `recipes/tiny/stage{1,2,3}.yaml` train in turn, each initialised from the previous stage's final model. A
    stage whose `final/` exists is not retrained (delete `runs/tiny` to start over); an interrupted stage resumes
    from its last checkpoint.
@@ -26,8 +27,8 @@ MOMENT_LENGTHS = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0)  # ville.eval's default candida
 # (the random-window baseline is always drawn from the same candidates).
 MOMENT_GRID = tuple([{"moment_scales": MOMENT_LENGTHS, "moment_score": score} for score in ("cosine", "zscale")]
                     + [{"moment_scales": (length,), "moment_score": "cosine"} for length in MOMENT_LENGTHS])
-STAGE_TASKS = {1: ["retrieval", "adaptive"], 2: ["retrieval", "long_text", "adaptive"],
-               3: ["retrieval", "rerank", "moment", "qa", "composed", "long_text", "adaptive"]}
+STAGE_TASKS = {1: ["retrieval", "adaptive", "binding"], 2: ["retrieval", "long_text", "adaptive", "binding"],
+               3: ["retrieval", "rerank", "moment", "qa", "composed", "long_text", "adaptive", "binding"]}
 
 
 def generate(data: str, args) -> None:
@@ -38,6 +39,17 @@ def generate(data: str, args) -> None:
            "--num-val", str(args.num_val), "--num-test", str(args.num_test), "--num-compositional",
            str(args.num_compositional), "--num-composed", str(args.num_composed), "--shard-size", "250",
            "--workers", str(min(4, os.cpu_count() or 1))]  # the same bytes for any worker count
+    print("[demo] generating:", " ".join(cmd[1:]))
+    subprocess.run(cmd, check=True)
+
+
+def generate_binding(data: str) -> None:
+    """The attribute-binding pairs (fresh clips, not a benchmark split) in `data/binding`; generated on their own so
+    a benchmark folder written before they existed gets them too."""
+    out = os.path.join(data, "binding")
+    if os.path.isfile(os.path.join(out, "meta.json")):
+        return
+    cmd = [sys.executable, "-m", "data_tools.binding", "--out", out, "--seed", "0", "--num-pairs", "100"]
     print("[demo] generating:", " ".join(cmd[1:]))
     subprocess.run(cmd, check=True)
 
@@ -110,6 +122,10 @@ def _pick(results: dict) -> dict[str, tuple[float | None, float | None]]:
     co = results.get("composed")
     if co and co.get("num_queries"):
         out["composed R@1"] = (co["R@1"], co["chance"]["R@1"] if isinstance(co["chance"], dict) else co["chance"])
+    bi = results.get("binding")
+    if bi and bi.get("num_pairs"):
+        out["binding T2V acc"] = (bi["t2v"], bi["chance"]["t2v"])
+        out["binding V2T acc"] = (bi["v2t"], bi["chance"]["v2t"])
     ad = results.get("adaptive")
     if ad and ad.get("num_videos"):
         out["mean embedding tokens"] = (ad["mean_tokens"], None)
@@ -152,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     t0 = time.time()
     generate(args.data, args)
+    generate_binding(args.data)
     finals = {s: train_stage(s, args.data, args.runs, args.train_overrides) for s in (1, 2, 3)}
 
     from .eval import evaluate, format_table

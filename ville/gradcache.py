@@ -98,6 +98,9 @@ def contrastive_loss_cached(model, cfg: LossCfg, frames: torch.Tensor, texts: li
 
     if cfg.halting_target == "sentences":
         raise ValueError("train.contrastive_chunk: halting_target=sentences is not supported with gradient caching")
+    if cfg.swap > 0:
+        raise ValueError("train.contrastive_chunk: loss.swap (swapped-word negatives) is not supported with gradient "
+                         "caching; set loss.swap=0 or train.contrastive_chunk=0")
     e = model.cfg.embed
     comps: dict[str, float] = {}
 

@@ -54,6 +54,51 @@ def contrastive_loss(cfg: LossCfg, per_step: torch.Tensor, text: torch.Tensor, l
     return torch.stack(losses).mean()
 
 
+_WORD = re.compile(r"[A-Za-z]+")
+
+
+def swapped_texts(text: str, classes: list[list[str]]) -> list[str]:
+    """One copy of `text` per word class in which two different words of the class occur: the first two such words
+    (in reading order) exchanged everywhere they occur, each keeping the case of the word it replaces. "a red circle
+    near a blue square" -> ["a blue circle near a red square", "a red square near a blue circle"] for the classes
+    [colours, shapes]. A text with no such pair gives []."""
+    out = []
+    for words in classes:
+        vocab = {w.lower() for w in words}
+        found: list[str] = []
+        for m in _WORD.finditer(text):
+            w = m.group(0).lower()
+            if w in vocab and w not in found:
+                found.append(w)
+        if len(found) < 2:
+            continue
+        a, b = found[:2]
+
+        def swap(m, a=a, b=b):
+            w = m.group(0)
+            low = w.lower()
+            if low not in (a, b):
+                return w
+            other = b if low == a else a
+            return other.capitalize() if w[0].isupper() else other
+
+        out.append(_WORD.sub(swap, text))
+    return out
+
+
+def swap_loss(cfg: LossCfg, per_step: torch.Tensor, text: torch.Tensor, negatives: torch.Tensor, owner: torch.Tensor,
+              logit_scale: torch.Tensor, min_tokens: int = 1) -> torch.Tensor:
+    """per_step (B, K, D) video embeddings, text (B, D) their captions, negatives (N, D) swapped-word copies of the
+    captions of videos `owner` (N,) -> mean over the copies and the trained prefix lengths of
+    softplus(scale * (cos(video, copy) - cos(video, caption))): the caption must outscore its own swapped copy. A
+    pairwise term rather than extra columns of the InfoNCE, so the fused kernels' batch layout stays as it is."""
+    steps = list(_steps(cfg, per_step.shape[1], min_tokens))
+    v = per_step[owner][:, steps].float()  # (N, S, D)
+    pos = torch.einsum("nsd,nd->ns", v, text[owner].float())
+    neg = torch.einsum("nsd,nd->ns", v, negatives.float())
+    return F.softplus(logit_scale.reshape(()).float() * (neg - pos)).mean()
+
+
 def localisation_loss(cfg: LossCfg, window_per_step: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
                       min_tokens: int = 1, window_mask: torch.Tensor | None = None) -> torch.Tensor:
     """window_per_step (B, W, K, D): embeddings of W windows per query (index 0 = ground truth, the others IoU < 0.2
@@ -194,6 +239,15 @@ def multitask_loss(model, batches: dict[str, dict], cfg: LossCfg, contrastive_ch
         text_emb = model.text_embed_train(text)
         add(f"contrastive_{task}", cfg.contrastive,
             contrastive_loss(cfg, steps.per_step, text_emb, scale, kmin, groups=(groups, groups)))
+        if cfg.swap > 0:
+            pairs = [(i, t) for i, caption in enumerate(text) for t in swapped_texts(caption, cfg.swap_classes)]
+            # Every rank logs the term (the logged components are all-reduced by name), zero without a pair.
+            value = total.new_zeros(())
+            if pairs:
+                owner = torch.tensor([i for i, _ in pairs], device=text_emb.device)
+                value = swap_loss(cfg, steps.per_step, text_emb, model.text_embed_train([t for _, t in pairs]), owner,
+                                  scale, kmin)
+            add(f"swap_{task}", cfg.swap, value)
         if cfg.halting <= 0 and cfg.token_cost <= 0:
             return
         if cfg.halting_target == "sentences":

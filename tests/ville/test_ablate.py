@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from ville import ablate as A
-from ville.config import apply_overrides
+from ville.config import apply_overrides, load_recipe
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -29,7 +29,11 @@ def test_rows_train_what_their_names_say():
     assert stages["G+C+M"] == [1, 2, 3] and stages["G+C"] == [1] and stages["C"] == [1] and stages["G"] == [1]
     assert stages["without stage 1"] == [2, 3] and stages["without stage 2"] == [1, 3]
     assert [n.name for n in _ancestry("gcm3")][:1] == ["gc1"]  # G+C+M continues G+C, not another stage 1
-    assert A.NODES["c1"].overrides == ("loss.lm=0",) and A.NODES["g1"].overrides == ("loss.contrastive=0",)
+    # C trains no LM term and no batch only the LM would use; G trains no contrastive-type term.
+    c = load_recipe("recipes/tiny/stage1.yaml", list(A.NODES["c1"].overrides))
+    assert c.loss.lm == 0 and c.loss.contrastive > 0 and set(c.train.tasks) <= {"caption", "retrieval"}
+    g = load_recipe("recipes/tiny/stage1.yaml", list(A.NODES["g1"].overrides))
+    assert g.loss.contrastive == 0 and g.loss.swap == 0 and g.loss.lm > 0
     assert A.NODES["gcm3-no-matching"].overrides == ("loss.matching=0",)
     for name in ("C", "G+C", "G+C+M", "fixed 1", "fixed 5", "fixed 10"):
         assert len(next(r for r in A.ROWS if r.name == name).seeds) == 3, name

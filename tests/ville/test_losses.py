@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from conftest import build, frames
 
 from ville.losses import (LossCfg, contrastive_loss, count_sentences, expected_tokens, halting_targets, length_targets,
-                          multitask_loss)
+                          multitask_loss, swapped_texts)
 
 
 def test_halting_targets_by_hand():
@@ -96,3 +96,48 @@ def test_composed_task_contrasts_the_composed_query_with_the_edited_caption():
     emb = model.base_llm().get_input_embeddings().weight.grad
     edit_only = model._token_ids(["make"], "t")[0]  # a word only the edits contain
     assert emb is not None and emb[edit_only].abs().sum() > 0
+
+
+COLOURS, SHAPES = ["red", "blue", "green"], ["circle", "square", "star"]
+
+
+def test_swapped_texts_by_hand():
+    """One copy per class holding two different words; the first two (reading order) exchanged at every occurrence,
+    case kept; words of no class, one distinct word of a class or sub-words are left alone."""
+    classes = [COLOURS, SHAPES]
+    assert swapped_texts("A red circle near a blue square.", classes) == [
+        "A blue circle near a red square.", "A red square near a blue circle."]
+    assert swapped_texts("Red stars, a green star and a blue circle; the red one turns blue.", classes) == [
+        "Green stars, a red star and a blue circle; the green one turns blue.",  # red <-> green; "stars" is no star
+        "Red stars, a green circle and a blue star; the red one turns blue."]
+    assert swapped_texts("a red circle grows on a reddish background", classes) == []
+    assert swapped_texts("a red circle near a red square", [COLOURS]) == []
+
+
+def test_swap_loss_against_a_float64_reference():
+    """loss.swap: the term is mean over (copy, trained step) of softplus(scale * (cos(v, copy) - cos(v, caption))),
+    recomputed here in float64 from the model's own embeddings; a batch without any pair logs 0; off by default."""
+    model = build("llama").eval()
+    texts = ["a red circle near a blue square", "a green star", "a blue star near a red circle"]
+    b = {"frames": frames(3), "text": texts, "group": torch.tensor([1, 2, 3])}
+    cfg = LossCfg(swap=0.5, swap_classes=[COLOURS, SHAPES], halting=0.0, token_cost=0.0)
+    total, comps = multitask_loss(model, {"retrieval": b}, cfg)
+    with torch.no_grad():
+        steps = model.video_embed_steps(b["frames"]).per_step.double()
+        caption = model.text_embed_train(texts).double()
+        scale = model.logit_scale.exp().double().item()
+        terms = []
+        for i, text in enumerate(texts):
+            for copy in swapped_texts(text, [COLOURS, SHAPES]):
+                neg = model.text_embed_train([copy]).double()[0]
+                for t in range(model.cfg.embed.min_embed_tokens - 1, steps.shape[1]):
+                    v = steps[i, t]
+                    terms.append(F.softplus(scale * (v @ neg - v @ caption[i])))
+    assert len(terms) == 4 * (steps.shape[1] - model.cfg.embed.min_embed_tokens + 1)
+    ref = torch.stack(terms).mean().item()
+    assert abs(comps["swap_retrieval"] - ref) < 1e-5
+    assert abs(total.item() - (comps["contrastive_retrieval"] + 0.5 * ref)) < 1e-5
+    _, comps = multitask_loss(model, {"retrieval": {**b, "text": ["a green star"] * 3}}, cfg)
+    assert comps["swap_retrieval"] == 0.0
+    _, comps = multitask_loss(model, {"retrieval": b}, LossCfg())
+    assert not any(k.startswith("swap") for k in comps)

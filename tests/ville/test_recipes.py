@@ -88,3 +88,14 @@ def test_stage1_starts_from_paligemma_and_later_stages_share_its_architecture(tm
         assert {k: v for k, v in ours.items() if k not in runtime} == \
             {k: v for k, v in theirs.items() if k not in runtime}, later
         assert cfg.llm.tokenizer == "google/paligemma-3b-pt-224" and not cfg.llm.pretrained, later
+
+
+def test_batch_size_zero_turns_a_task_off():
+    """Overrides merge into train.tasks, so 0 is how one drops a recipe's task; negative or all-zero is one line."""
+    from ville.config import load_recipe
+
+    assert set(load_recipe("recipes/tiny/stage1.yaml", ["train.tasks.qa=0"]).train.tasks) == {"caption"}
+    with pytest.raises(ValueError, match=r"stage1.yaml: train.tasks must map tasks to batch sizes >= 0"):
+        load_recipe("recipes/tiny/stage1.yaml", ["train.tasks.qa=-1"])
+    with pytest.raises(ValueError, match=r"at least one >= 1"):
+        load_recipe("recipes/tiny/stage1.yaml", ["train.tasks.qa=0", "train.tasks.caption=0"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-TASKS = ("retrieval", "rerank", "moment", "qa", "composed", "long_text", "adaptive")
+TASKS = ("retrieval", "rerank", "moment", "qa", "composed", "long_text", "adaptive", "binding")
 KS = (1, 5, 10)
 
 

@@ -14,6 +14,7 @@ import torch
 
 from ..data import QA_PROMPT, ClipStore
 from .adaptive import adaptive
+from .binding import binding
 from .common import (Cache, captions, events, list_clips, qa_items, rank_world, single_caption, split_shards,
                      state_identity, text_embeddings, video_embeddings)
 from .composed import composed, long_text
@@ -87,7 +88,7 @@ def _run(model, data_dir: str, cfg: EvalCfg, cache: Cache, out_dir: str | None) 
     clips = list_clips(shards)[: cfg.max_clips]
     counts = {"clips": len(clips)}
     results: dict = {}
-    if tasks - {"composed"}:
+    if tasks - {"composed", "binding"}:
         need_qa = {}
         if "qa" in tasks:
             need_qa = {k: [(f"{k}#{i}", QA_PROMPT.format(question=q["question"].strip()))
@@ -125,6 +126,8 @@ def _run(model, data_dir: str, cfg: EvalCfg, cache: Cache, out_dir: str | None) 
         counts["texts"] = len(set(texts))
     if "composed" in tasks:
         results["composed"] = composed(model, data_dir, cache, cfg)
+    if "binding" in tasks:
+        results["binding"] = binding(model, data_dir, cache, cfg)
     results["_counts"] = counts
     return results
 
@@ -169,6 +172,9 @@ def format_table(results: dict) -> str:
         add("adaptive", "mean tokens", r["mean_tokens"])
         add("adaptive", "spearman(tokens, complexity)", r.get("spearman_tokens_complexity"))
         add("adaptive", "latency ms/video (median)", r["latency_ms_per_video"]["median"])
+    if (r := results.get("binding", {})).get("num_pairs"):
+        for m, label in (("t2v", "T2V acc"), ("v2t", "V2T acc"), ("pair_both", "all 4 trials right")):
+            add("binding", label, r[m], r["chance"][m], "chance")
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(c.rjust(w) if i == 2 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
              for row in rows]
