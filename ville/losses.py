@@ -87,16 +87,21 @@ def swapped_texts(text: str, classes: list[list[str]]) -> list[str]:
 
 
 def swap_loss(cfg: LossCfg, per_step: torch.Tensor, text: torch.Tensor, negatives: torch.Tensor, owner: torch.Tensor,
-              logit_scale: torch.Tensor, min_tokens: int = 1) -> torch.Tensor:
+              logit_scale: torch.Tensor, min_tokens: int = 1, count: float | None = None) -> torch.Tensor:
     """per_step (B, K, D) video embeddings, text (B, D) their captions, negatives (N, D) swapped-word copies of the
-    captions of videos `owner` (N,) -> mean over the copies and the trained prefix lengths of
+    captions of videos `owner` (N,) -> the mean over the copies and the trained prefix lengths of
     softplus(scale * (cos(video, copy) - cos(video, caption))): the caption must outscore its own swapped copy. A
-    pairwise term rather than extra columns of the InfoNCE, so the fused kernels' batch layout stays as it is."""
+    pairwise term rather than extra columns of the InfoNCE, so the fused kernels' batch layout stays as it is.
+    `count` replaces N as the number of copies the sum is divided by (multitask_loss: the global count / world size,
+    so the mean over ranks is the mean over every rank's copies)."""
     steps = list(_steps(cfg, per_step.shape[1], min_tokens))
     v = per_step[owner][:, steps].float()  # (N, S, D)
     pos = torch.einsum("nsd,nd->ns", v, text[owner].float())
     neg = torch.einsum("nsd,nd->ns", v, negatives.float())
-    return F.softplus(logit_scale.reshape(()).float() * (neg - pos)).mean()
+    terms = F.softplus(logit_scale.reshape(()).float() * (neg - pos))
+    if count is None or count == owner.numel():
+        return terms.mean()
+    return terms.sum() / (len(steps) * count)
 
 
 def localisation_loss(cfg: LossCfg, window_per_step: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
@@ -241,12 +246,16 @@ def multitask_loss(model, batches: dict[str, dict], cfg: LossCfg, contrastive_ch
             contrastive_loss(cfg, steps.per_step, text_emb, scale, kmin, groups=(groups, groups)))
         if cfg.swap > 0:
             pairs = [(i, t) for i, caption in enumerate(text) for t in swapped_texts(caption, cfg.swap_classes)]
-            # Every rank logs the term (the logged components are all-reduced by name), zero without a pair.
+            # The mean over the global batch's copies (ranks may hold different numbers of them); every rank logs
+            # the term (the logged components are all-reduced by name), zero without a copy.
+            counts = [len(pairs)]
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                counts = _gather_sizes(len(pairs), text_emb.device)
             value = total.new_zeros(())
             if pairs:
                 owner = torch.tensor([i for i, _ in pairs], device=text_emb.device)
                 value = swap_loss(cfg, steps.per_step, text_emb, model.text_embed_train([t for _, t in pairs]), owner,
-                                  scale, kmin)
+                                  scale, kmin, count=sum(counts) / len(counts))
             add(f"swap_{task}", cfg.swap, value)
         if cfg.halting <= 0 and cfg.token_cost <= 0:
             return

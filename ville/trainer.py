@@ -270,6 +270,9 @@ def train(recipe: Recipe, info: distributed.DistInfo) -> str:
 
     if cfg.contrastive_chunk < 0:
         raise ValueError(f"train.contrastive_chunk: expected 0 (off) or a chunk size >= 1, got {cfg.contrastive_chunk}")
+    if cfg.contrastive_chunk > 0 and recipe.loss.swap > 0:
+        raise ValueError("train.contrastive_chunk: loss.swap (swapped-word negatives) is not supported with gradient "
+                         "caching; set loss.swap=0 or train.contrastive_chunk=0")
     for task, bs in cfg.tasks.items():
         if bs % info.world_size:
             raise ValueError(f"train.tasks.{task}: global batch {bs} is not divisible by world size {info.world_size}")

@@ -1,7 +1,7 @@
 """Evaluation: one model, every task, labelled protocols, cached embeddings; single process or torchrun.
 
     python -m ville.eval MODEL_DIR --data DIR [--out results.json] [--tasks retrieval rerank moment qa composed
-        long_text adaptive] [--split test|compositional] [--max-clips N] [--num-frames T] [--batch-size B]
+        long_text adaptive binding] [--split test|compositional] [--max-clips N] [--num-frames T] [--batch-size B]
         [--dual-softmax] [--rerank-k 10]
     torchrun --nproc-per-node N -m ville.eval ...     (same code; CUDA -> nccl, CPU -> gloo)
 
@@ -22,7 +22,8 @@ model nor an edited stop rule ever reads stale entries.
 
 Layout, in the order a run uses it: `config` (EvalCfg, the task names; no torch), `common` (ranks, cache, clips,
 the shared video and text embedding passes), one module per section -- `retrieval` (retrieval, rerank), `moments`,
-`qa`, `composed` (composed, long_text), `adaptive` -- then `runner` (evaluate, format_table) and `__main__` (the
+`qa`, `composed` (composed, long_text), `adaptive`, `binding` (attribute binding on `DIR/binding`, written by
+`python -m data_tools.binding`) -- then `runner` (evaluate, format_table) and `__main__` (the
 command line). The names below that need torch are imported on first use, so `import ville.eval` and `--help` do
 not load torch.
 """
