@@ -19,6 +19,8 @@ Headline rows (C, G+C, G+C+M and the fixed/adaptive comparison) run with three s
 G+C's stage 1), a finished stage is never retrained, an interrupted one resumes from its checkpoint, and an evaluated
 row is read back from its JSON: rerunning the command after a crash continues where it stopped.
 
+Every row also reports the attribute-binding check (2-way accuracies, chance 50) when `DATA/binding` exists.
+
 Output: `RUNS/ablation.md` (table), `RUNS/ablation.json` (every number and seed), `RUNS/ablation.png` (T2V R@1 per
 row with the seeds' spread, and R@1 against ms per video for fixed and adaptive lengths).
 """
@@ -67,7 +69,7 @@ class Row:
     node: str
     seeds: tuple = (0,)
     fixed_tokens: int | None = None  # embed every video with exactly this many tokens (None: adaptive)
-    tasks: tuple = ("retrieval", "adaptive")
+    tasks: tuple = ("retrieval", "adaptive", "binding")
 
 
 ROWS = (
@@ -82,7 +84,7 @@ ROWS = (
     Row("fixed 5", "gcm3", HEADLINE_SEEDS, fixed_tokens=5),
     Row("fixed 10", "gcm3", HEADLINE_SEEDS, fixed_tokens=10),
 )
-METRICS = ("T2V R@1", "V2T R@1", "T2V R@5", "mean tokens", "ms / video")
+METRICS = ("T2V R@1", "V2T R@1", "T2V R@5", "binding T2V", "binding V2T", "mean tokens", "ms / video")
 
 
 def seed_overrides(stage: int, seed: int) -> list[str]:
@@ -125,6 +127,9 @@ def evaluate_row(row: Row, seed: int, final: str, data: str, runs: str, eval_cli
     numbers = {"T2V R@1": ret["t2v"]["R@1"], "V2T R@1": ret["v2t"]["R@1"], "T2V R@5": ret["t2v"]["R@5"],
                "mean tokens": ad["mean_tokens"], "ms / video": ad["latency_ms_per_video"]["median"],
                "chance T2V R@1": ret["chance"]["t2v"]["R@1"]}
+    bi = res.get("binding", {})
+    if bi.get("num_pairs"):  # the benchmark folder has the binding pairs (python -m data_tools.binding)
+        numbers.update({"binding T2V": bi["t2v"], "binding V2T": bi["v2t"]})
     with open(out) as f:
         saved = json.load(f)
     saved["ablation"] = numbers
@@ -214,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [known[r] for r in args.rows] if args.rows else list(ROWS)
     t0 = time.time()
     demo.generate(args.data, args)
+    demo.generate_binding(args.data)
     results: dict[str, dict[int, dict]] = {}
     for row in rows:
         for seed in row.seeds[: args.seeds or None]:

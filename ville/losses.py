@@ -63,6 +63,8 @@ def swapped_texts(text: str, classes: list[list[str]]) -> list[str]:
     near a blue square" -> ["a blue circle near a red square", "a red square near a blue circle"] for the classes
     [colours, shapes]. A text with no such pair gives []."""
     out = []
+    if not isinstance(text, str):  # token ids (the memory estimate's fake batches): no words to exchange
+        return out
     for words in classes:
         vocab = {w.lower() for w in words}
         found: list[str] = []

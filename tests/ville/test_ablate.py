@@ -94,6 +94,7 @@ def test_two_rows_run_and_a_rerun_reuses_them(tmp_path, monkeypatch, capsys):
     out = json.load(open(os.path.join(runs, "ablation.json")))
     assert set(out["seeds"]) == {"G+C", "fixed 1"}
     assert out["seeds"]["fixed 1"]["0"]["mean tokens"] == 1.0  # every video embedded with exactly one token
+    assert 0 <= out["seeds"]["G+C"]["0"]["binding T2V"] <= 100  # the binding pairs were generated and scored
     for name in ("ablation.md", "ablation.png"):
         assert os.path.getsize(os.path.join(runs, name)) > 0
     capsys.readouterr()

@@ -62,18 +62,24 @@ def test_fsdp_matches_ddp_and_writes_one_consolidated_model(synth, fsdp_run, tmp
     mine, theirs = load_file(fsdp_run / "final" / "model.safetensors"), load_file(ddp / "final" / "model.safetensors")
     assert mine.keys() == theirs.keys()
     for k in mine:
-        assert mine[k].shape == theirs[k].shape and torch.allclose(mine[k], theirs[k], atol=1e-5), k
+        # as in the test below: AdamW moves a near-zero gradient's entry by up to lr a step, so summation order shows
+        # (measured at most 1.8e-5, in pos_embed, once stage 1 had QA and swapped-word negatives)
+        assert mine[k].shape == theirs[k].shape and torch.allclose(mine[k], theirs[k], atol=5e-5), k
 
 
-def test_gradient_caching_under_fsdp_matches_the_plain_run(synth, fsdp_run, tmp_path):
+def test_gradient_caching_under_fsdp_matches_the_plain_run(synth, tmp_path):
     """train.contrastive_chunk=1 under FSDP2 (each rank embeds its 2 captions one at a time, negatives gathered
     across the ranks, the LM loss of the same step on top, grad_accum 2): the loss curve, gradient norms and final
     parameters of the plain FSDP run (test_fsdp_matches_ddp ties that run to DDP; test_train.py's
-    test_contrastive_chunk_gives_the_same_run ties DDP + chunking to one process). Refused before."""
-    out = tmp_path / "chunked"
-    cmd = torchrun(synth, out, 29767) + ["train.contrastive_chunk=1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    test_contrastive_chunk_gives_the_same_run ties DDP + chunking to one process). Both without swapped-word
+    negatives, which gradient caching does not support, and without the recipe's QA batches, which gradient caching
+    does not touch (with them, summation order moved a parameter by up to 5.4e-5 after 4 AdamW steps)."""
+    out, plain = tmp_path / "chunked", tmp_path / "plain"
+    for run, extra, port in ((plain, [], 29766), (out, ["train.contrastive_chunk=1"], 29767)):
+        cmd = torchrun(synth, run, port) + ["loss.swap=0", "train.tasks.qa=0", *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    fsdp_run = plain
     a, b = _records(out), _records(fsdp_run)
     assert a.keys() == b.keys() == {1, 2, 3, 4}
     for s in a:  # the loss as printed and to rel 1e-5; the global gradient norm (every gradient of the step) too

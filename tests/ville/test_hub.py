@@ -44,7 +44,7 @@ def test_card_holds_recipe_data_and_eval_table_of_this_model_only(tmp_path):
                "meta": {"model_identity": model_identity(str(folder)), "split": "test", "date": "2026-12-05"}}
     (tmp_path / "eval.json").write_text(json.dumps(results))
     card = write_model_card(str(folder), [str(tmp_path / "eval.json")], repo_id="me/tiny")
-    assert "train_shards: data/synth/train/shard-*.tar" in card and "max_steps: 350" in card
+    assert "train_shards: data/synth/train/shard-*.tar" in card and "max_steps: 1000" in card
     assert "| retrieval | t2v.R@1 | 0.25 |" in card and "| adaptive | mean_tokens | 3.5 |" in card
     assert 'ViLLE.from_pretrained("me/tiny")' in card
     results["meta"]["model_identity"] = "0123456789abcdef"

@@ -47,7 +47,7 @@ def test_estimate_matches_measured_cpu_peak(one_thread):
 
 
 def test_cli_prints_table(capsys):
-    assert memory.main([RECIPE, "train.tasks.caption=4", "data.num_frames=2", "--gpus", "2"]) == 0
+    assert memory.main([RECIPE, "train.tasks.caption=4", "train.tasks.qa=0", "data.num_frames=2", "--gpus", "2"]) == 0
     out = capsys.readouterr().out
     assert "per-GPU peak memory at 2 GPUs" in out and "train  batch/GPU {'caption': 2}" in out
     assert "embed  batch/GPU 2" in out and "fits 80 GB" in out
@@ -61,7 +61,8 @@ def test_bad_gpus_is_one_line(capsys):
 def test_train_estimate_memory_flag(capsys):
     from ville.train import main
 
-    assert main([RECIPE, "train.tasks.caption=4", "data.num_frames=2", "--estimate-memory", "2"]) == 0
+    assert main([RECIPE, "train.tasks.caption=4", "train.tasks.qa=0", "data.num_frames=2", "--estimate-memory",
+                 "2"]) == 0
     out = capsys.readouterr().out
     assert "per-GPU peak memory at 2 GPUs" in out and "train  batch/GPU {'caption': 2}" in out
 
@@ -69,7 +70,7 @@ def test_train_estimate_memory_flag(capsys):
 def test_gradient_caching_is_traced(one_thread):
     """train.contrastive_chunk: the trace runs the step through gradient caching, as the trainer does, so the peak
     holds one chunk's tower and LM activations."""
-    ov = ["data.num_frames=2", "train.tasks.caption=8"]
+    ov = ["data.num_frames=2", "train.tasks.caption=8", "train.tasks.qa=0", "loss.swap=0"]  # swap: not with chunks
     plain = memory.trace(load_recipe(RECIPE, ov), 1, amp=False, embed=False)["train"]
     cached = memory.trace(load_recipe(RECIPE, ov + ["train.contrastive_chunk=2"]), 1, amp=False, embed=False)["train"]
     assert cached["grads"] == plain["grads"] and cached["optimizer"] == plain["optimizer"]
