@@ -21,7 +21,10 @@ import subprocess
 import sys
 import time
 
-FUSION_GRID = (None, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # None: the matching probability alone
+FUSION_GRID = (None, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # None: the re-ranking score alone
+# Re-ranking: the matching head's probability or the LM's caption log-probability (generative matching), each alone
+# or fused with the embedding cosine at weight W
+RERANK_GRID = tuple({"rerank_score": score, "rerank_fusion": w} for score in ("match", "lm") for w in FUSION_GRID)
 MOMENT_LENGTHS = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0)  # ville.eval's default candidate window lengths (x duration)
 # Moment candidates: all lengths together, scored by the raw or the length-standardised cosine, or one length alone
 # (the random-window baseline is always drawn from the same candidates).
@@ -75,7 +78,8 @@ def train_stage(stage: int, data: str, runs: str, extra: list[str]) -> str:
 
 
 def tune_on_val(final: str, data: str, runs: str, max_clips: int) -> dict:
-    """Evaluation options chosen on the val split: the re-ranking fusion weight (`rerank_fusion`, best stage-2 R@1)
+    """Evaluation options chosen on the val split: the re-ranking score and fusion weight (`rerank_score`,
+    `rerank_fusion`, best stage-2 R@1)
     and the moment candidates (`moment_scales` + `moment_score`, best R1@0.5); the first choice wins ties. {} without
     a val split."""
     from .eval import evaluate
@@ -84,7 +88,7 @@ def tune_on_val(final: str, data: str, runs: str, max_clips: int) -> dict:
         return {}
     out = os.path.join(runs, "eval", "stage3-val.json")
     chosen = {}
-    for what, grid, task, metric in (("rerank_fusion", [{"rerank_fusion": w} for w in FUSION_GRID], "rerank",
+    for what, grid, task, metric in (("re-ranking", RERANK_GRID, "rerank",
                                       lambda r: r["stage2"]["R@1"]),
                                      ("moment candidates", MOMENT_GRID, "moment", lambda r: r["R1@0.5"])):
         scores = []

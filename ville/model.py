@@ -355,12 +355,25 @@ class ViLLE(nn.Module):
         return self.video_embed_steps(frames, k, prompts=[e + prompt for e in edit_ids])
 
     def lm_loss(self, frames, prompts, targets, video: tuple | None = None) -> torch.Tensor:
-        """Next-token loss on the targets (+ <eos>) given video + prompt; `video`: precomputed encode_video(frames)."""
+        """Next-token loss on the targets (+ <eos>) given video + prompt; `video`: precomputed encode_video(frames).
+        The mean over samples of each sample's mean token loss: every target counts once whatever its length, and the
+        mean over ranks of this loss is the loss of the global batch (a token mean would not be)."""
+        tok, mask = self._target_token_nll(frames, prompts, targets, None if video is None else video[0])
+        return (tok.sum(1) / mask.sum(1)).mean()
+
+    def target_logprob(self, frames, prompts, targets, video: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) mean log-probability per token of each target (+ <eos>) given video i + prompt i: the generative
+        matching score (`ville.eval` re-ranking with `rerank_score: lm`). `video`: as in `match_logits`."""
+        tok, mask = self._target_token_nll(frames, prompts, targets, video)
+        return -(tok.sum(1) / mask.sum(1))
+
+    def _target_token_nll(self, frames, prompts, targets, video_tokens=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (B, L) per-token negative log-likelihoods of the targets + <eos> (0 past each target) and their mask."""
         prompt_ids = self._token_ids(prompts, "prompts")
         target_ids = [t + [self.eos_id] for t in self._token_ids(targets, "targets")]
         if len(target_ids) != len(prompt_ids):
             raise ValueError(f"{len(prompt_ids)} prompts but {len(target_ids)} targets")
-        prefixes = self._video_prefixes(frames, prompt_ids, None if video is None else video[0])
+        prefixes = self._video_prefixes(frames, prompt_ids, video_tokens)
         h, plens, lens = self._full(prefixes, [self._embed_ids(t) for t in target_ids])
         # Position plens-1+j predicts target token j.
         tlen = max(len(t) for t in target_ids)
@@ -369,10 +382,8 @@ class ViLLE(nn.Module):
         labels = torch.full((len(target_ids), tlen), -100, dtype=torch.long, device=h.device)
         for i, t in enumerate(target_ids):
             labels[i, : len(t)] = torch.tensor(t, device=h.device)
-        # Mean over samples of each sample's mean token loss: every target counts once whatever its length, and the
-        # mean over ranks of this loss is the loss of the global batch (a token mean would not be).
         tok = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
-        return (tok.sum(1) / (labels != -100).sum(1)).mean()
+        return tok, labels != -100
 
     def text_embed_train(self, texts) -> torch.Tensor:
         ids = self._token_ids(texts, "texts")

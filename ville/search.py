@@ -1,6 +1,7 @@
 """Text -> video search over an index built by `ville.index`, optionally re-ranked by the matching head.
 
-    python -m ville.search INDEX "query text" [-k 5] [--model MODEL_DIR] [--rerank [--rerank-k 20]] [--json]
+    python -m ville.search INDEX "query text" [-k 5] [--model MODEL_DIR] [--rerank [--rerank-k 20]
+                           [--rerank-score match|lm] [--rerank-fusion W]] [--json]
 
 The index is read without pickle (`ville.index.load_index`: safetensors + JSON), so a shared index cannot run code.
 The query is embedded by the model that built the index (its folder is stored in the index; `--model` points
@@ -9,9 +10,12 @@ is refused: its text embeddings live in a different space, and the scores would 
 
 Top-k is exact: a stable sort of the cosine scores in PyTorch (equal scores: lower index first). Above
 `FAISS_MIN_SIZE` videos, FAISS's exact inner-product index is used when `faiss` is importable (same results up to
-float rounding and tie order, faster on large galleries). `--rerank` scores the top `--rerank-k` videos with
-`model.match` (decoding each again from its file or shard) and orders them by that probability (ties keep the
-embedding order); the printed list is its first k.
+float rounding and tie order, faster on large galleries). `--rerank` scores the top `--rerank-k` videos (decoding
+each again from its file or shard) with the matching head's probability (`--rerank-score match`, `model.match`) or
+the query's mean log-probability per token as the video's caption (`lm`, `model.target_logprob`), and orders them by
+that score or, with `--rerank-fusion W`, by logit_scale x cosine + W x score (the logit of the probability for
+`match`), as `ville.eval`'s `rerank` does (ties keep the embedding order); the printed list is its first k. The
+demo's val split chose lm at W = 4 for the tiny model (docs/experiments.md).
 """
 from __future__ import annotations
 
@@ -85,9 +89,14 @@ def _frames(source: dict, num_frames: int, frame_size: int | None, stores: dict)
 
 
 def search(index: dict, model, query: str, k: int = 5, *, rerank: bool = False, rerank_k: int | None = None,
-           batch_size: int = 8) -> list[dict]:
-    """Ranked hits [{"rank", "id", "score" (cosine), "match" (when rerank), "source"}]."""
+           rerank_score: str = "match", rerank_fusion: float | None = None, batch_size: int = 8) -> list[dict]:
+    """Ranked hits [{"rank", "id", "score" (cosine), "match" or "lm" (when rerank: the re-ranking score), "source"}]."""
     import torch
+
+    from .data import CAPTION_PROMPT
+
+    if rerank_score not in ("match", "lm"):
+        raise ValueError(f"rerank_score: expected 'match' or 'lm', got {rerank_score!r}")
 
     with torch.no_grad():
         q = model.embed_text([query])[0].float().cpu()
@@ -101,10 +110,23 @@ def search(index: dict, model, query: str, k: int = 5, *, rerank: bool = False, 
                 chunk = hits[c:c + batch_size]
                 frames = torch.stack([_frames(h["source"], index["num_frames"], index["frame_size"], stores)
                                       for h in chunk]).to(model.device)
-                probs = model.match(frames, [query] * len(chunk)).float().cpu()
-                for h, p in zip(chunk, probs.tolist()):
-                    h["match"] = p
-            hits = sorted(hits, key=lambda h: -h["match"])  # stable: equal probabilities keep the embedding order
+                if rerank_score == "match":
+                    values = model.match(frames, [query] * len(chunk))
+                else:
+                    values = model.target_logprob(frames, [CAPTION_PROMPT] * len(chunk), [query] * len(chunk))
+                for h, v in zip(chunk, values.float().cpu().tolist()):
+                    h[rerank_score] = v
+            if rerank_fusion is None:
+                order = [h[rerank_score] for h in hits]
+            else:
+                scale = float(model.logit_scale.exp().reshape(()))
+                value = torch.tensor([h[rerank_score] for h in hits], dtype=torch.float64)
+                if rerank_score == "match":
+                    value = torch.logit(value, eps=1e-6)
+                order = (scale * torch.tensor([h["score"] for h in hits], dtype=torch.float64)
+                         + rerank_fusion * value).tolist()
+            # stable: equal scores keep the embedding order
+            hits = [h for _, h in sorted(zip(order, hits), key=lambda p: -p[0])]
         return [{"rank": r + 1, **h} for r, h in enumerate(hits[:k])]
 
 
@@ -114,8 +136,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("query", help="query text")
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--model", default=None, help="model folder (default: the one stored in the index)")
-    p.add_argument("--rerank", action="store_true", help="re-rank with the matching head (decodes the videos)")
-    p.add_argument("--rerank-k", type=int, default=20, help="how many embedding hits the matching head re-scores")
+    p.add_argument("--rerank", action="store_true", help="re-rank the top hits by a matching score (decodes videos)")
+    p.add_argument("--rerank-k", type=int, default=20, help="how many embedding hits are re-scored")
+    p.add_argument("--rerank-score", choices=("match", "lm"), default="match",
+                   help="the matching head's probability, or the query's log-probability as the video's caption")
+    p.add_argument("--rerank-fusion", type=float, default=None, metavar="W",
+                   help="order by logit_scale x cosine + W x score (default: the score alone)")
     p.add_argument("--json", action="store_true", help="print the hits as JSON")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     a = p.parse_args(argv)
@@ -137,7 +163,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
     model = ViLLE.from_pretrained(model_dir, map_location=a.device).eval()
-    hits = search(index, model, a.query, a.k, rerank=a.rerank, rerank_k=a.rerank_k)
+    hits = search(index, model, a.query, a.k, rerank=a.rerank, rerank_k=a.rerank_k, rerank_score=a.rerank_score,
+                  rerank_fusion=a.rerank_fusion)
     if a.json:
         print(json.dumps(hits, indent=1))
     else:

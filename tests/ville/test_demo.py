@@ -33,14 +33,15 @@ def test_tune_on_val_picks_the_best_of_each_grid(tmp_path, monkeypatch, capsys):
     real = E.evaluate
     monkeypatch.setattr(E, "evaluate", lambda *a, **k: real(*a, **{**defaults, **k}))
     chosen = D.tune_on_val(str(tmp_path / "model"), str(data), str(tmp_path / "runs"), max_clips=5)
-    assert set(chosen) == {"rerank_fusion", "moment_scales", "moment_score"}
-    for grid, task, metric in (([{"rerank_fusion": w} for w in D.FUSION_GRID], "rerank", lambda r: r["stage2"]["R@1"]),
+    assert set(chosen) == {"rerank_score", "rerank_fusion", "moment_scales", "moment_score"}
+    assert len(D.RERANK_GRID) == 2 * len(D.FUSION_GRID)  # both scores, each alone and fused at every weight
+    for grid, task, metric in ((D.RERANK_GRID, "rerank", lambda r: r["stage2"]["R@1"]),
                                (D.MOMENT_GRID, "moment", lambda r: r["R1@0.5"])):
         scores = [metric(real(str(tmp_path / "model"), str(data), tasks=[task], split="val", max_clips=5,
                               out=str(tmp_path / "runs" / "eval" / "check.json"), **{**defaults, **options})[task])
                   for options in grid]
         best = grid[scores.index(max(scores))]
         assert {k: chosen[k] for k in best} == best, (task, scores)
-    assert "rerank_fusion on val" in capsys.readouterr().out
+    assert "re-ranking on val" in capsys.readouterr().out
     os.rename(data / "val", data / "elsewhere")
     assert D.tune_on_val(str(tmp_path / "model"), str(data), str(tmp_path / "runs"), max_clips=5) == {}

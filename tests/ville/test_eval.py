@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from ville import ViLLE
 from ville import eval as E
+from ville import metrics as M
 from ville.checkpoint import model_identity
 from ville.data import read_shard_index
 from ville.head import HeadCfg
@@ -338,6 +339,42 @@ def test_window_features_share_frames(env):
         b = model.embed_video(torch.from_numpy(frames))
     assert a.num_tokens.tolist() == b.num_tokens.tolist()
     torch.testing.assert_close(a.embeddings, b.embeddings, rtol=1e-5, atol=1e-5)
+
+
+def test_rerank_by_lm_score_against_a_direct_recomputation(env, first_run):
+    """rerank_score='lm' (generative matching): with every clip in the top k and no fusion, stage 2 ranks each
+    caption's clips by the caption's mean log-probability given the clip (model.target_logprob under the caption
+    prompt) -- recomputed here clip by clip, ties pessimistic. No matching-head call; W = 0 keeps stage 1's order; a
+    bad score name is one clear error."""
+    from ville.data import CAPTION_PROMPT, ClipStore
+    from ville.eval.common import single_caption
+
+    res, out = first_run
+    model = ViLLE.from_pretrained(str(env / "model"))
+    calls = _count_calls(model, ("match", "target_logprob"))
+    lm = {w: E.evaluate(model, str(env / "data"), identity=model_identity(str(env / "model")), tasks=["rerank"],
+                        out=str(out.parent / f"lm{w}.json"), rerank_score="lm", rerank_fusion=w, **OPTS)["rerank"]
+          for w in (None, 0.0)}
+    assert calls["match"] == 0 and calls["target_logprob"] > 0
+    clips = _clips(env)
+    assert lm[None]["k"] >= len(clips) and lm[None]["score"] == "lm" and "target_logprob" in lm[None]["protocol"]
+    assert lm[0.0]["stage2"] == res["rerank"]["stage1"] == lm[None]["stage1"]
+    store = ClipStore(str(env / "data" / "test" / "shard-000000.tar"))
+    frames = torch.from_numpy(np.stack([decode_clip(store.read(k), FRAMES, size=32)[0] for k, _ in clips]))
+    queries = [(i, single_caption(m)) for i, (_, m) in enumerate(clips)]
+    with torch.no_grad():
+        scores = torch.stack([model.target_logprob(frames, [CAPTION_PROMPT] * len(clips), [text] * len(clips))
+                              for _, text in queries])
+        # texts of different lengths in one batch: padding does not change a score
+        mixed = model.target_logprob(frames, [CAPTION_PROMPT] * len(clips), [text for _, text in queries])
+    torch.testing.assert_close(mixed, scores.diagonal(), rtol=1e-4, atol=1e-5)
+    positives = torch.zeros(scores.shape, dtype=torch.bool)
+    positives[torch.arange(len(queries)), torch.tensor([i for i, _ in queries])] = True
+    ranks = M.retrieval_ranks(scores, positives)
+    for k in (1, 5):
+        assert lm[None]["stage2"][f"R@{k}"] == pytest.approx(100.0 * float(np.mean(ranks <= k)), abs=0.01)
+    with pytest.raises(ValueError, match="rerank_score: expected 'match' or 'lm', got 'nll'"):
+        E.evaluate(model, str(env / "data"), tasks=["rerank"], rerank_score="nll", **OPTS)
 
 
 def test_generate_and_match_take_precomputed_video_tokens(env):

@@ -313,6 +313,24 @@ def test_gradients_reach_every_stage():
         assert g is not None and g.abs().sum() > 0, name
 
 
+def test_target_logprob_is_the_lm_loss_per_sample(family):
+    """target_logprob (the generative matching score) is minus each sample's mean token loss: its batch mean is
+    -lm_loss, each row equals the sample scored alone (targets of different lengths pad), and the video= path (one
+    tower pass) gives the same scores."""
+    model = build(family)
+    fr = frames(3)
+    prompts = ["Describe the video briefly."] * 3
+    targets = ["a red circle", "two blue squares move left and then stop", "x"]
+    with torch.no_grad():
+        scores = model.target_logprob(fr, prompts, targets)
+        torch.testing.assert_close(-scores.mean(), model.lm_loss(fr, prompts, targets), rtol=1e-5, atol=1e-6)
+        alone = torch.cat([model.target_logprob(fr[i:i + 1], prompts[i:i + 1], targets[i:i + 1]) for i in range(3)])
+        torch.testing.assert_close(scores, alone, rtol=1e-4, atol=1e-5)
+        given = model.target_logprob(None, prompts, targets, video=model.video_tokens(fr))
+        torch.testing.assert_close(given, scores, rtol=1e-5, atol=1e-6)
+    assert bool((scores < 0).all())
+
+
 @pytest.mark.parametrize(
     "bad, match",
     [

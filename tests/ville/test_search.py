@@ -129,6 +129,21 @@ def test_folder_index_and_search_in_process(env, capsys):
     assert [h["id"] for h in hits] == [index["ids"][i] for i in best]
     reranked = S.search(index, model, "a red circle moves left", k=3, rerank=True)
     assert sorted(h["id"] for h in reranked) == sorted(index["ids"]) and all("match" in h for h in reranked)
+    # Generative matching: the query's log-probability as each video's caption, recomputed here; W = 0 keeps the
+    # embedding order; a huge W gives the score's own order.
+    by_lm = S.search(index, model, "a red circle moves left", k=3, rerank=True, rerank_score="lm")
+    with torch.no_grad():
+        clips = torch.stack([S._frames(src, index["num_frames"], index["frame_size"], {}) for src in index["sources"]])
+        lm = model.target_logprob(clips, ["Describe the video briefly."] * 3, ["a red circle moves left"] * 3)
+    assert [h["id"] for h in by_lm] == [index["ids"][i] for i in torch.sort(lm, descending=True, stable=True).indices]
+    torch.testing.assert_close(torch.tensor([h["lm"] for h in by_lm]), lm.sort(descending=True).values,
+                               rtol=1e-4, atol=1e-5)
+    kept = S.search(index, model, "a red circle moves left", k=3, rerank=True, rerank_score="lm", rerank_fusion=0.0)
+    assert [h["id"] for h in kept] == [index["ids"][i] for i in torch.sort(cos, descending=True, stable=True).indices]
+    huge = S.search(index, model, "a red circle moves left", k=3, rerank=True, rerank_score="lm", rerank_fusion=1e9)
+    assert [h["id"] for h in huge] == [h["id"] for h in by_lm]
+    with pytest.raises(ValueError, match="rerank_score: expected 'match' or 'lm', got 'x'"):
+        S.search(index, model, "a red circle moves left", rerank=True, rerank_score="x")
 
     path = env / "folder.idx"
     I.save_index(index, str(path))

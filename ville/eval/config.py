@@ -26,8 +26,11 @@ class EvalCfg:
     dual_softmax: bool = _opt(False, "also report dual-softmax retrieval (labelled as such)")
     dual_softmax_scale: float | None = _opt(None, "dual-softmax temperature (default: the model's logit scale)")
     rerank_k: int = _opt(10, "the matching head re-ranks each query's top k")
-    rerank_fusion: float | None = _opt(None, "stage 2 orders the top k by scale * cosine + W * logit(match "
-                                             "probability) instead of the probability alone (choose W on val)")
+    rerank_fusion: float | None = _opt(None, "stage 2 orders the top k by scale * cosine + W * score instead of the "
+                                             "score alone (choose W on val)")
+    rerank_score: str = _opt("match", "the re-ranking score: 'match' (logit of the matching head's probability) or "
+                                      "'lm' (the caption's mean log-probability per token given the video: "
+                                      "generative matching)")
     moment_scales: tuple = _opt((0.1, 0.2, 0.3, 0.5, 0.75, 1.0), "window lengths, fractions of the duration")
     moment_stride: float = _opt(0.5, "window step, fraction of the window length")
     nms_threshold: float = _opt(0.5, "temporal NMS: drop windows with IoU > this with a better one")

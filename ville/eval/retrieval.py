@@ -5,7 +5,9 @@ video (its `caption`, labelled by the converter's `caption_source`: the MSR-VTT 
 ActivityNet's paragraph) and, where clips have several captions, every caption, with both video-to-text protocols
 (all texts ranked; CLIP4Clip's per-video maximum); dual-softmax inference only on request and labelled as such.
 `rerank`: single-caption T2V; stage 1 ranks the gallery by embedding cosine, stage 2 re-orders each query's top k by
-the matching head's probability (or its fusion with the cosine).
+a matching score (or its fusion with the cosine): the matching head's probability (`rerank_score: match`) or the
+LM's mean log-probability per token of the caption given the video under the caption prompt (`lm`, generative
+matching: the score the LM loss trains).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import numpy as np
 import torch
 
 from .. import metrics as M
-from ..data import ClipStore
+from ..data import CAPTION_PROMPT, ClipStore
 from ..video import decode_clip
 from .common import Cache, captions, directions, gather, my_batches, pct, progress_bar, rank_world, single_caption
 from .config import KS, EvalCfg
@@ -79,6 +81,8 @@ def retrieval(clips, V: torch.Tensor, temb: dict, cfg: EvalCfg, dsl_scale: float
 
 def rerank(model, clips, V, temb, store: ClipStore, cache: Cache, cfg: EvalCfg, scale: float) -> dict:
     k = cfg.rerank_k
+    if cfg.rerank_score not in ("match", "lm"):
+        raise ValueError(f"rerank_score: expected 'match' or 'lm', got {cfg.rerank_score!r}")
     pairs = [(i, single_caption(m)) for i, (_, m) in enumerate(clips) if single_caption(m)]
     if not pairs:
         return {"protocol": "not available: no clip of the split has a caption", "num_queries": 0}
@@ -86,7 +90,7 @@ def rerank(model, clips, V, temb, store: ClipStore, cache: Cache, cfg: EvalCfg, 
     S = T @ V.T
     top = torch.from_numpy(np.argsort(-S.numpy(), axis=1, kind="stable")[:, :k])  # ties: lower gallery index first
     keys = [key for key, _ in clips]
-    name = f"{cfg.split}-{cfg.num_frames}-match-{cfg.frame_size}px"
+    name = f"{cfg.split}-{cfg.num_frames}-{'match' if cfg.rerank_score == 'match' else 'lm-score'}-{cfg.frame_size}px"
     done = cache.load(name)
     todo: dict[str, list[str]] = {}
     for q, (_, text) in enumerate(pairs):
@@ -101,7 +105,12 @@ def rerank(model, clips, V, temb, store: ClipStore, cache: Cache, cfg: EvalCfg, 
         texts = sorted(set(todo[key]))
         for c in range(0, len(texts), cfg.batch_size):
             chunk = texts[c:c + cfg.batch_size]
-            probs = model.match(None, chunk, video=tokens.expand(len(chunk), -1, -1)).float().cpu()
+            video = tokens.expand(len(chunk), -1, -1)
+            if cfg.rerank_score == "match":
+                probs = model.match(None, chunk, video=video).float().cpu()
+            else:
+                with torch.no_grad():
+                    probs = model.target_logprob(None, [CAPTION_PROMPT] * len(chunk), chunk, video=video).float().cpu()
             new.update({f"{key}\t{t}": float(p) for t, p in zip(chunk, probs)})
     new = gather(new)
     if new:
@@ -120,14 +129,18 @@ def rerank(model, clips, V, temb, store: ClipStore, cache: Cache, cfg: EvalCfg, 
             continue
         score = torch.tensor([done[f"{keys[j]}\t{text}"] for j in cands], dtype=torch.float64)
         if cfg.rerank_fusion is not None:
-            score = scale * S[q, cands] + cfg.rerank_fusion * torch.logit(score, eps=1e-6)
+            score = scale * S[q, cands] + cfg.rerank_fusion * (torch.logit(score, eps=1e-6)
+                                                               if cfg.rerank_score == "match" else score)
         second.append(int(M.retrieval_ranks(score[None], torch.tensor([j == owner for j in cands])[None])[0]))
     s1, s2 = pct(M.recall_metrics(first, KS)), pct(M.recall_metrics(second, KS))
-    by = ("the matching head's probability (model.match)" if cfg.rerank_fusion is None else
-          f"{scale:.4g} x cosine + {cfg.rerank_fusion:g} x logit(matching probability) (model.match)")
+    what = ("the matching head's probability (model.match)" if cfg.rerank_fusion is None else
+            "logit(matching probability) (model.match)") if cfg.rerank_score == "match" else (
+        f"the caption's mean log-probability per token given the video and {CAPTION_PROMPT!r} (model.target_logprob)")
+    by = what if cfg.rerank_fusion is None else f"{scale:.4g} x cosine + {cfg.rerank_fusion:g} x {what}"
     return {"protocol": f"single-caption T2V; stage 1 ranks the gallery by embedding cosine, stage 2 re-orders each "
                         f"query's top-{k} (stable sort, ties to the lower gallery index) by {by}, ties pessimistic; "
                         f"items below the top-{k} keep their rank",
-            "k": k, "num_queries": len(pairs), "fusion_weight": cfg.rerank_fusion, "stage1": s1, "stage2": s2,
+            "k": k, "num_queries": len(pairs), "score": cfg.rerank_score, "fusion_weight": cfg.rerank_fusion,
+            "stage1": s1, "stage2": s2,
             "gain": {f"R@{x}": round(s2[f"R@{x}"] - s1[f"R@{x}"], 2) for x in KS},
             "oracle_R@1": round(100.0 * float(np.mean(np.asarray(first) <= k)), 2)}
