@@ -14,8 +14,8 @@ float rounding and tie order, faster on large galleries). `--rerank` scores the 
 each again from its file or shard) with the matching head's probability (`--rerank-score match`, `model.match`) or
 the query's mean log-probability per token as the video's caption (`lm`, `model.target_logprob`), and orders them by
 that score or, with `--rerank-fusion W`, by logit_scale x cosine + W x score (the logit of the probability for
-`match`), as `ville.eval`'s `rerank` does (ties keep the embedding order); the printed list is its first k. The
-demo's val split chose lm at W = 4 for the tiny model (docs/experiments.md).
+`match`), as `ville.eval`'s `rerank` does (ties keep the embedding order); the printed list is its first k. For the
+tiny demo model the val split chose lm at W = 2 (the matching head alone is below chance there; docs/design.md).
 """
 from __future__ import annotations
 
