@@ -93,10 +93,9 @@ def search(index: dict, model, query: str, k: int = 5, *, rerank: bool = False, 
     """Ranked hits [{"rank", "id", "score" (cosine), "match" or "lm" (when rerank: the re-ranking score), "source"}]."""
     import torch
 
-    from .data import CAPTION_PROMPT
+    from .eval.retrieval import check_rerank_score, fused_scores, pair_scores
 
-    if rerank_score not in ("match", "lm"):
-        raise ValueError(f"rerank_score: expected 'match' or 'lm', got {rerank_score!r}")
+    check_rerank_score(rerank_score)
 
     with torch.no_grad():
         q = model.embed_text([query])[0].float().cpu()
@@ -110,21 +109,12 @@ def search(index: dict, model, query: str, k: int = 5, *, rerank: bool = False, 
                 chunk = hits[c:c + batch_size]
                 frames = torch.stack([_frames(h["source"], index["num_frames"], index["frame_size"], stores)
                                       for h in chunk]).to(model.device)
-                if rerank_score == "match":
-                    values = model.match(frames, [query] * len(chunk))
-                else:
-                    values = model.target_logprob(frames, [CAPTION_PROMPT] * len(chunk), [query] * len(chunk))
-                for h, v in zip(chunk, values.float().cpu().tolist()):
+                for h, v in zip(chunk, pair_scores(model, frames, [query] * len(chunk), rerank_score).tolist()):
                     h[rerank_score] = v
-            if rerank_fusion is None:
-                order = [h[rerank_score] for h in hits]
-            else:
-                scale = float(model.logit_scale.exp().reshape(()))
-                value = torch.tensor([h[rerank_score] for h in hits], dtype=torch.float64)
-                if rerank_score == "match":
-                    value = torch.logit(value, eps=1e-6)
-                order = (scale * torch.tensor([h["score"] for h in hits], dtype=torch.float64)
-                         + rerank_fusion * value).tolist()
+            cosine, values = (torch.tensor([h[name] for h in hits], dtype=torch.float64)
+                              for name in ("score", rerank_score))
+            order = fused_scores(cosine, values, rerank_score, float(model.logit_scale.exp().reshape(())),
+                                 rerank_fusion).tolist()
             # stable: equal scores keep the embedding order
             hits = [h for _, h in sorted(zip(order, hits), key=lambda p: -p[0])]
         return [{"rank": r + 1, **h} for r, h in enumerate(hits[:k])]

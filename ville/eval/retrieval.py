@@ -79,10 +79,39 @@ def retrieval(clips, V: torch.Tensor, temb: dict, cfg: EvalCfg, dsl_scale: float
     return out
 
 
+RERANK_SCORES = ("match", "lm")
+
+
+def check_rerank_score(kind: str) -> None:
+    if kind not in RERANK_SCORES:
+        raise ValueError(f"rerank_score: expected 'match' or 'lm', got {kind!r}")
+
+
+@torch.no_grad()
+def pair_scores(model, frames, texts: list[str], kind: str, video: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) float32 on the CPU: the re-ranking score of video i with text i. 'match': the matching head's probability
+    (model.match); 'lm': the text's mean log-probability per token as the video's caption (model.target_logprob
+    under the caption prompt). `frames` / `video` as in model.match."""
+    if kind == "match":
+        values = model.match(frames, texts, video=video)
+    else:
+        values = model.target_logprob(frames, [CAPTION_PROMPT] * len(texts), texts, video=video)
+    return values.float().cpu()
+
+
+def fused_scores(cosine: torch.Tensor, values: torch.Tensor, kind: str, scale: float,
+                 weight: float | None) -> torch.Tensor:
+    """The order of a query's candidates: `values` (pair_scores) alone when `weight` is None, else scale * cosine +
+    weight * score, the score being logit(probability) for 'match' and the log-probability for 'lm'. float64."""
+    values = values.double()
+    if weight is None:
+        return values
+    return scale * cosine.double() + weight * (torch.logit(values, eps=1e-6) if kind == "match" else values)
+
+
 def rerank(model, clips, V, temb, store: ClipStore, cache: Cache, cfg: EvalCfg, scale: float) -> dict:
     k = cfg.rerank_k
-    if cfg.rerank_score not in ("match", "lm"):
-        raise ValueError(f"rerank_score: expected 'match' or 'lm', got {cfg.rerank_score!r}")
+    check_rerank_score(cfg.rerank_score)
     pairs = [(i, single_caption(m)) for i, (_, m) in enumerate(clips) if single_caption(m)]
     if not pairs:
         return {"protocol": "not available: no clip of the split has a caption", "num_queries": 0}
@@ -105,13 +134,8 @@ def rerank(model, clips, V, temb, store: ClipStore, cache: Cache, cfg: EvalCfg, 
         texts = sorted(set(todo[key]))
         for c in range(0, len(texts), cfg.batch_size):
             chunk = texts[c:c + cfg.batch_size]
-            video = tokens.expand(len(chunk), -1, -1)
-            if cfg.rerank_score == "match":
-                probs = model.match(None, chunk, video=video).float().cpu()
-            else:
-                with torch.no_grad():
-                    probs = model.target_logprob(None, [CAPTION_PROMPT] * len(chunk), chunk, video=video).float().cpu()
-            new.update({f"{key}\t{t}": float(p) for t, p in zip(chunk, probs)})
+            values = pair_scores(model, None, chunk, cfg.rerank_score, video=tokens.expand(len(chunk), -1, -1))
+            new.update({f"{key}\t{t}": float(v) for t, v in zip(chunk, values)})
     new = gather(new)
     if new:
         done.update(new)
@@ -127,15 +151,17 @@ def rerank(model, clips, V, temb, store: ClipStore, cache: Cache, cfg: EvalCfg, 
         if owner not in cands:
             second.append(int(first[q]))
             continue
-        score = torch.tensor([done[f"{keys[j]}\t{text}"] for j in cands], dtype=torch.float64)
-        if cfg.rerank_fusion is not None:
-            score = scale * S[q, cands] + cfg.rerank_fusion * (torch.logit(score, eps=1e-6)
-                                                               if cfg.rerank_score == "match" else score)
+        values = torch.tensor([done[f"{keys[j]}\t{text}"] for j in cands], dtype=torch.float64)
+        score = fused_scores(S[q, cands], values, cfg.rerank_score, scale, cfg.rerank_fusion)
         second.append(int(M.retrieval_ranks(score[None], torch.tensor([j == owner for j in cands])[None])[0]))
     s1, s2 = pct(M.recall_metrics(first, KS)), pct(M.recall_metrics(second, KS))
-    what = ("the matching head's probability (model.match)" if cfg.rerank_fusion is None else
-            "logit(matching probability) (model.match)") if cfg.rerank_score == "match" else (
-        f"the caption's mean log-probability per token given the video and {CAPTION_PROMPT!r} (model.target_logprob)")
+    if cfg.rerank_score == "lm":
+        what = (f"the caption's mean log-probability per token given the video and {CAPTION_PROMPT!r} "
+                "(model.target_logprob)")
+    elif cfg.rerank_fusion is None:
+        what = "the matching head's probability (model.match)"
+    else:
+        what = "logit(matching probability) (model.match)"
     by = what if cfg.rerank_fusion is None else f"{scale:.4g} x cosine + {cfg.rerank_fusion:g} x {what}"
     return {"protocol": f"single-caption T2V; stage 1 ranks the gallery by embedding cosine, stage 2 re-orders each "
                         f"query's top-{k} (stable sort, ties to the lower gallery index) by {by}, ties pessimistic; "
