@@ -11,7 +11,9 @@ Rows (ViLL-E's Table 5 / 6 in miniature; ../shared/PAPER.md):
     without stage 1         stage 2 from scratch -> stage 3
     without stage 2         stage 1 -> stage 3
     fixed 1 / 5 / 10, adaptive   the G+C+M model embedding every video with exactly k tokens, or adaptively
-                            (10 is past the tiny recipes' maximum of 8: the last step's stop bias is reused)
+                            (10 is past the tiny recipes' maximum of 8: the last step's stop bias is reused);
+                            besides each row's own evaluation, the four lengths are timed side by side on the same
+                            clips and model ("embed ms / video": prefill + decode + head; `paired_embed_ms`)
 
 Headline rows (C, G+C, G+C+M and the fixed/adaptive comparison) run with three seeds and report mean and spread
 (min..max); the others with seed 0, the demo's seeds. Seed s > 0 adds 100 * s to every stage's `train.seed` and
@@ -84,7 +86,10 @@ ROWS = (
     Row("fixed 5", "gcm3", HEADLINE_SEEDS, fixed_tokens=5),
     Row("fixed 10", "gcm3", HEADLINE_SEEDS, fixed_tokens=10),
 )
-METRICS = ("T2V R@1", "V2T R@1", "T2V R@5", "binding T2V", "binding V2T", "mean tokens", "ms / video")
+METRICS = ("T2V R@1", "V2T R@1", "T2V R@5", "binding T2V", "binding V2T", "mean tokens", "ms / video",
+           "embed ms / video")
+# The length rows, timed side by side on one G+C+M model per seed (`paired_embed_ms`): None = adaptive.
+LENGTHS = {"G+C+M": None, "fixed 1": 1, "fixed 5": 5, "fixed 10": 10}
 
 
 def seed_overrides(stage: int, seed: int) -> list[str]:
@@ -138,6 +143,52 @@ def evaluate_row(row: Row, seed: int, final: str, data: str, runs: str, eval_cli
     return numbers
 
 
+def paired_embed_ms(final: str, data: str, runs: str, seed: int, clips: int = 64, batch: int = 8,
+                    repeats: int = 9) -> dict[str, float]:
+    """ms per video of the embedding itself (prefill + decode + head, from tower features computed once) for every
+    length of LENGTHS on one model, side by side: each repeat times every length over the same `clips` test clips in
+    batches of `batch`, in an order rotated by one per repeat (so drift in the machine's speed falls on all of them
+    alike); -> the median over repeats per row. The tower pass is the same for every length and is left out (the
+    whole call, tower included, is the rows' "ms / video", timed in separate evaluations). Read back from its JSON
+    when it was measured before."""
+    import torch
+
+    from .data import iter_eval_clips
+    from .eval.common import split_shards
+    from .model import ViLLE
+
+    out = os.path.join(runs, "eval", f"embed-ms-seed{seed}.json")
+    if os.path.isfile(out):
+        with open(out) as f:
+            return json.load(f)["median"]
+    model = ViLLE.from_pretrained(final).eval()
+    size = model.vision.cfg.overrides.get("img_size")
+    feats, n = [], 0
+    with torch.no_grad():
+        for b in iter_eval_clips(split_shards(data, "test"), model.cfg.vision.max_frames, batch_size=batch,
+                                 frame_size=size):
+            take = b["frames"][: clips - n]
+            feats.append(model.vision.frame_features(take.to(model.device)))
+            n += len(take)
+            if n >= clips:
+                break
+        rows = list(LENGTHS)
+        times: dict[str, list[float]] = {r: [] for r in rows}
+        for r in range(repeats + 1):  # repeat 0 warms every path up and is not kept
+            for row in rows[r % len(rows):] + rows[: r % len(rows)]:
+                t = time.perf_counter()
+                for f in feats:
+                    model.embed_video(None, features=f, num_tokens=LENGTHS[row])
+                if r:
+                    times[row].append(1000.0 * (time.perf_counter() - t) / n)
+    median = {row: round(statistics.median(v), 3) for row, v in times.items()}
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"protocol": paired_embed_ms.__doc__.split("\n\n")[0], "clips": n, "batch": batch,
+                   "device": str(model.device), "median": median, "all": times}, f, indent=1)
+    return median
+
+
 def summarise(results: dict[str, dict[int, dict]]) -> dict[str, dict[str, dict]]:
     """{row: {seed: numbers}} -> {row: {metric: {"mean", "min", "max", "n"}}}."""
     out = {}
@@ -185,12 +236,12 @@ def plot(summary: dict[str, dict[str, dict]], path: str) -> None:
     left.set_ylabel("T2V R@1 (%)")
     left.set_title("ablations (bars: min..max over seeds)")
     for r in ("fixed 1", "fixed 5", "fixed 10", "G+C+M"):
-        if r in summary and "ms / video" in summary[r]:
+        if r in summary and "embed ms / video" in summary[r]:
             r1 = summary[r]["T2V R@1"]
-            right.errorbar(summary[r]["ms / video"]["mean"], r1["mean"],
+            right.errorbar(summary[r]["embed ms / video"]["mean"], r1["mean"],
                            yerr=[[r1["mean"] - r1["min"]], [r1["max"] - r1["mean"]]],
                            fmt="o", capsize=4, label=r if r != "G+C+M" else "adaptive")
-    right.set_xlabel("ms per video (embedding, median)")
+    right.set_xlabel("ms per video (embedding without the tower, side by side)")
     right.set_ylabel("T2V R@1 (%)")
     right.set_title("fixed vs adaptive embedding length")
     right.legend()
@@ -228,6 +279,13 @@ def main(argv: list[str] | None = None) -> int:
             results.setdefault(row.name, {})[seed] = evaluate_row(row, seed, final, args.data, args.runs,
                                                                   args.eval_clips)
             print(f"[ablate] {row.name}, seed {seed}: {results[row.name][seed]} ({time.time() - t:.0f} s to evaluate)")
+    for seed in sorted({s for r in LENGTHS for s in results.get(r, {})}):
+        ms = paired_embed_ms(train_node("gcm3", seed, args.data, args.runs, args.train_overrides),
+                             args.data, args.runs, seed)
+        for row in LENGTHS:
+            if seed in results.get(row, {}):
+                results[row][seed]["embed ms / video"] = ms[row]
+        print(f"[ablate] embedding ms per video side by side, seed {seed}: {ms}")
     summary = summarise(results)
     header = (f"ville ablations: {args.num_train} synthetic training clips, {args.eval_clips} test clips; "
               f"{time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} CPU, {time.time() - t0:.0f} s "

@@ -139,6 +139,13 @@ class EmbedCfg:
     # Composed retrieval is zero-shot (never trained): the edit text goes before the trained video prompt, so the
     # query stays in the distribution the embedding steps were trained on (a new instruction here measured worse).
     composed_prompt: str = "Summarize the video in embeddings."
+    # Localisation windows (training) and moment candidates (evaluation) are embedded after this prompt instead of
+    # video_prompt, so one LLM can give a clip its whole-clip embedding and a window an embedding of what happens in
+    # it: with one prompt, the tiny stage 3 could learn moments only at retrieval's expense (docs/design.md).
+    # "" = video_prompt (checkpoints saved before the key load with it).
+    moment_prompt: str = ""
+    # The same for the moment query's text (localisation training, moment evaluation); "" = text_prompt.
+    moment_text_prompt: str = ""
     match_prompt: str = "Does the video match the text?"
     # The stop logit also reads the video's motion energy through one learned weight (`stop_motion`; needs
     # model.vision.motion; module docstring).

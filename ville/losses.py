@@ -295,9 +295,9 @@ def multitask_loss(model, batches: dict[str, dict], cfg: LossCfg, contrastive_ch
             embed_and_contrast(task, b, b["text"], b["group"].to(frames.device))
         elif task == "localisation":
             B, W = frames.shape[:2]
-            steps = model.video_embed_steps(frames.flatten(0, 1))
+            steps = model.video_embed_steps(frames.flatten(0, 1), moment=True)
             per_step = steps.per_step.unflatten(0, (B, W))
-            text_emb = model.text_embed_train(b["text"])
+            text_emb = model.text_embed_train(b["text"], moment=True)
             add("localisation", cfg.localisation,
                 localisation_loss(cfg, per_step, text_emb, scale, kmin, b.get("window_mask")))
         elif task == "matching":

@@ -128,25 +128,30 @@ class _DecodeSession:
         self.cache_lens[rows] += tokens.shape[1]
         return h if x.dim() == 3 else h[:, 0]
 
-    def plan_chunk(self, remaining: int, row_steps: int, stops: int) -> int:
+    def plan_chunk(self, remaining: int, row_steps: int, stops: int, survival: list[float] | None = None) -> int:
         """Steps s (1..remaining) for the next forward of the n active rows: the first move of the cheapest plan for
-        the remaining steps under the cost model a + b * tokens (a / b = chunk_tokens) when each row stops after a
-        step with the rate seen so far (stops / row_steps, over steps where stopping was possible): with that rate h
-        about n (1 - h)^u rows are still live u steps ahead, whatever the chunking, so the plan is a shortest path
-        over steps, O(remaining^2). Before any stop could be seen, ceil(chunk_tokens / n) (one forward's fixed cost
-        spread over the rows). chunk_tokens 1 means one step per forward, as Hugging Face generate() decodes."""
+        the remaining steps under the cost model a + b * tokens (a / b = chunk_tokens), where a forward runs only
+        while some row is live. `survival[u]`: the fraction of the active rows still live u steps ahead (from the
+        stop steps of the model's earlier calls, `ViLLE._stop_survival`); without it each row stops after a step
+        with the rate h seen so far in this call (stops / row_steps, over steps where stopping was possible), a
+        fraction (1 - h)^u. Whatever the chunking, about n f_u rows are live u steps ahead and some row with
+        probability 1 - (1 - f_u)^n, so the plan is a shortest path over steps, O(remaining^2). With neither, ceil(
+        chunk_tokens / n) (one forward's fixed cost spread over the rows). chunk_tokens 1 means one step per
+        forward, as Hugging Face generate() decodes."""
         n = self.active.numel()
         if self.chunk_tokens <= 1:
             return 1
-        if row_steps == 0:
-            return max(1, min(remaining, -(-self.chunk_tokens // n)))
-        live = 1.0 - min(max(stops / row_steps, 1e-3), 1.0)
+        if survival is None:
+            if row_steps == 0:
+                return max(1, min(remaining, -(-self.chunk_tokens // n)))
+            live = 1.0 - min(max(stops / row_steps, 1e-3), 1.0)
+            survival = [live ** u for u in range(remaining)]
         cost = [0.0] * (remaining + 1)  # cost[u]: cheapest way to decode steps u..remaining-1, in units of b
         first = [1] * (remaining + 1)
         for u in range(remaining - 1, -1, -1):
-            rows = n * live ** u
-            cost[u], first[u] = min((self.chunk_tokens + rows * s + cost[u + s], s)
-                                    for s in range(1, remaining - u + 1))
+            f = min(max(survival[u], 0.0), 1.0)
+            forward = self.chunk_tokens * (1.0 - (1.0 - f) ** n)  # the fixed part, paid only if a row is live
+            cost[u], first[u] = min((forward + n * f * s + cost[u + s], s) for s in range(1, remaining - u + 1))
         return first[0]
 
     def keep(self, keep: torch.Tensor) -> None:
@@ -192,6 +197,7 @@ class ViLLE(nn.Module):
         # One-element vectors, not scalars: FSDP2 shards every parameter along dim 0 and refuses 0-d ones. Files
         # written while they were scalars still load (`_scalars_to_vectors`).
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / cfg.embed.init_temperature)))
+        self._stop_history: dict[tuple[int, int], list[float]] = {}  # _record_stops
         self.stop_step_bias = nn.Parameter(torch.zeros(cfg.embed.max_embed_tokens))
         if cfg.embed.stop_motion and not cfg.vision.motion:
             raise ValueError("model.embed.stop_motion: needs model.vision.motion: true (it reads the change channels)")
@@ -234,9 +240,13 @@ class ViLLE(nn.Module):
         return self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
 
     # ------------------------------------------------------------------------------------------ building blocks
-    def _video_prompt_ids(self, batch: int) -> list[list[int]]:
-        """The fixed video prompt for `batch` samples, tokenized once (the rows share one list; it is only read)."""
-        return self._token_ids([self.cfg.embed.video_prompt], "video_prompt") * batch
+    def _video_prompt_ids(self, batch: int, moment: bool = False) -> list[list[int]]:
+        """The fixed video prompt (`moment`: embed.moment_prompt, when set) for `batch` samples, tokenized once (the
+        rows share one list; it is only read)."""
+        e = self.cfg.embed
+        if moment and e.moment_prompt:
+            return self._token_ids([e.moment_prompt], "moment_prompt") * batch
+        return self._token_ids([e.video_prompt], "video_prompt") * batch
 
     def _token_ids(self, texts, what: str) -> list[list[int]]:
         if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
@@ -339,12 +349,13 @@ class ViLLE(nn.Module):
 
     # --------------------------------------------------------------------------------------- training passes
     def video_embed_steps(self, frames, k: int | None = None, prompts: list[str] | None = None,
-                          video: tuple | None = None) -> EmbedSteps:
-        """All k embedding steps in one forward (with gradients). prompts=None uses embed.video_prompt; `video`
-        passes precomputed `encode_video(frames)` (shared with the LM pass of the same batch)."""
+                          video: tuple | None = None, moment: bool = False) -> EmbedSteps:
+        """All k embedding steps in one forward (with gradients). prompts=None uses embed.video_prompt (`moment`:
+        embed.moment_prompt, for localisation windows); `video` passes precomputed `encode_video(frames)` (shared
+        with the LM pass of the same batch)."""
         k = k or self.cfg.embed.max_embed_tokens
         B = self.vision.validate(frames)
-        prompt_ids = self._video_prompt_ids(B) if prompts is None else self._token_ids(prompts, "prompts")
+        prompt_ids = self._video_prompt_ids(B, moment) if prompts is None else self._token_ids(prompts, "prompts")
         tokens, energy = self.encode_video(frames) if video is None else video
         states = self._suffix_states(self._video_prefixes(frames, prompt_ids, tokens), self.emb_query, k)
         return EmbedSteps(self.head.per_step(states), self.stop_logit(states, energy=energy), states)
@@ -385,9 +396,13 @@ class ViLLE(nn.Module):
         tok = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
         return tok, labels != -100
 
-    def text_embed_train(self, texts) -> torch.Tensor:
+    def text_embed_train(self, texts, moment: bool = False) -> torch.Tensor:
+        """(B, D) text embeddings, with gradients. `moment`: the texts are moment queries, embedded after
+        embed.moment_text_prompt (when set)."""
         ids = self._token_ids(texts, "texts")
-        prompt = self._token_ids([self.cfg.embed.text_prompt], "text_prompt")[0]
+        e = self.cfg.embed
+        which = "moment_text_prompt" if moment and e.moment_text_prompt else "text_prompt"
+        prompt = self._token_ids([getattr(e, which)], which)[0]
         prefixes = [[self._embed_ids([self.bos_id] + t + prompt)] for t in ids]
         states = self._suffix_states(prefixes, self.emb_query, 1)
         return self.head(states, torch.ones(len(ids), dtype=torch.long, device=self.device))
@@ -431,9 +446,11 @@ class ViLLE(nn.Module):
         schedule = None if stop_schedule is None else stop_schedule.to(self.device)
         t = 0
         row_steps = stops = 0  # live row-steps where a stop was possible, and the stops seen (plan_chunk)
+        history = self._stop_history.setdefault((K, kmin), [0.0] * (K + 1)) if schedule is None else None
         while t < K:
             act = sess.active
-            chunk = sess.plan_chunk(K - t, row_steps, stops)
+            survival = None if history is None else self._stop_survival(history, t, K - t)
+            chunk = sess.plan_chunk(K - t, row_steps, stops, survival)
             if stop_schedule is None:
                 chunk = max(chunk, kmin - t)  # steps that cannot stop share a forward
             h = sess.step(query.expand(act.numel(), chunk, -1))
@@ -465,17 +482,41 @@ class ViLLE(nn.Module):
                     if not bool(keep.any()):
                         break
                     sess.keep(keep)
+        if history is not None and kmin < K:
+            self._record_stops(history, num)
         return EmbedOutput(self.head(states, num), num, stop_probs)
+
+    # The stop steps of earlier adaptive calls, per (max, min) tokens: history[k] ~ how many rows stopped after k
+    # tokens, halved whenever it passes STOP_HISTORY rows, so it follows the recent calls. It only plans how many steps
+    # share a decoder forward (`_DecodeSession.plan_chunk`); no result depends on it.
+    STOP_HISTORY = 1024
+
+    def _record_stops(self, history: list[float], num: torch.Tensor) -> None:
+        for k in num.tolist():
+            history[k] += 1.0
+        if sum(history) > self.STOP_HISTORY:
+            history[:] = [h / 2 for h in history]
+
+    @staticmethod
+    def _stop_survival(history: list[float], t: int, remaining: int) -> list[float] | None:
+        """history -> the fraction of the rows live at step t (more than t tokens) still live u steps later, u = 0 ..
+        remaining - 1; None before any earlier row got that far."""
+        live = sum(history[t + 1:])
+        if live <= 0:
+            return None
+        return [sum(history[t + u + 1:]) / live for u in range(remaining)]
 
     def embed_video(self, frames, stop_threshold=None, max_embed_tokens=None, min_embed_tokens=None,
                     num_tokens: int | None = None, _stop_schedule: torch.Tensor | None = None,
-                    features: torch.Tensor | None = None) -> EmbedOutput:
+                    features: torch.Tensor | None = None, moment: bool = False) -> EmbedOutput:
         """Adaptive-length video embedding. `num_tokens=k` is the fixed-length mode (exactly k tokens). `features`
-        (B, T, N, C): precomputed `vision.frame_features` in place of `frames` (pass frames=None)."""
+        (B, T, N, C): precomputed `vision.frame_features` in place of `frames` (pass frames=None). `moment`: the
+        frames are a candidate window of a longer video, embedded after embed.moment_prompt (when set) for moment
+        retrieval, as localisation trains them."""
         if num_tokens is not None:
             stop_threshold, max_embed_tokens, min_embed_tokens = 2.0, num_tokens, num_tokens
         B = self.vision.validate(frames) if features is None else features.shape[0]
-        prompt_ids = self._video_prompt_ids(B)
+        prompt_ids = self._video_prompt_ids(B, moment)
         tokens, energy = self.encode_video(frames, features)
         return self._adaptive_embed(self._video_prefixes(frames, prompt_ids, tokens), stop_threshold, max_embed_tokens,
                                     min_embed_tokens, _stop_schedule, energy)
@@ -493,9 +534,9 @@ class ViLLE(nn.Module):
         return self._adaptive_embed(prefixes, stop_threshold, max_embed_tokens, min_embed_tokens, energy=energy)
 
     @torch.no_grad()
-    def embed_text(self, texts) -> torch.Tensor:
-        """One-step readout: (B, D) L2-normalised."""
-        return self.text_embed_train(texts)
+    def embed_text(self, texts, moment: bool = False) -> torch.Tensor:
+        """One-step readout: (B, D) L2-normalised. `moment`: moment queries (embed.moment_text_prompt, when set)."""
+        return self.text_embed_train(texts, moment)
 
     @torch.no_grad()
     def match(self, frames, texts, video: torch.Tensor | None = None) -> torch.Tensor:

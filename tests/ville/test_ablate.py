@@ -94,6 +94,12 @@ def test_two_rows_run_and_a_rerun_reuses_them(tmp_path, monkeypatch, capsys):
     out = json.load(open(os.path.join(runs, "ablation.json")))
     assert set(out["seeds"]) == {"G+C", "fixed 1"}
     assert out["seeds"]["fixed 1"]["0"]["mean tokens"] == 1.0  # every video embedded with exactly one token
+    # The lengths timed side by side on the G+C+M model: every length measured, the fixed row's number is its own.
+    paired = json.load(open(os.path.join(runs, "eval", "embed-ms-seed0.json")))
+    assert set(paired["median"]) == set(A.LENGTHS) and paired["clips"] == 6
+    assert all(len(v) == 9 and min(v) > 0 for v in paired["all"].values())
+    assert out["seeds"]["fixed 1"]["0"]["embed ms / video"] == paired["median"]["fixed 1"]
+    assert "embed ms / video" not in out["seeds"]["G+C"]["0"]
     assert 0 <= out["seeds"]["G+C"]["0"]["binding T2V"] <= 100  # the binding pairs were generated and scored
     for name in ("ablation.md", "ablation.png"):
         assert os.path.getsize(os.path.join(runs, name)) > 0

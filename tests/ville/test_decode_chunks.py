@@ -55,9 +55,10 @@ def test_benchmark_pad_fill_stops_with_the_last_sample(monkeypatch):
         assert ran == forwards, f"stops {schedule.tolist()}: pad-fill ran {ran} forwards, expected {forwards}"
 
 
-def _cheapest_first_chunk(n, remaining, live, fixed):
+def _cheapest_first_chunk(n, remaining, survival, fixed):
     """Brute force over every way to split `remaining` steps into forwards: -> (cost, first chunk) of the cheapest,
-    with forward cost fixed + (rows still live at its first step) * its steps, rows = n * live ** step."""
+    with forward cost fixed * P(some row live at its first step) + (rows live there) * its steps: rows = n f, P =
+    1 - (1 - f)^n, f = survival[step]."""
     best = None
     for cuts in range(1 << (remaining - 1)):  # bit i set: a forward ends after step i + 1
         sizes, run = [], 1
@@ -69,7 +70,8 @@ def _cheapest_first_chunk(n, remaining, live, fixed):
         sizes.append(run)
         cost, u = 0.0, 0
         for s in sizes:
-            cost += fixed + n * live ** u * s
+            f = survival[u]
+            cost += fixed * (1 - (1 - f) ** n) + n * f * s
             u += s
         if best is None or cost < best[0] - 1e-9:
             best = (cost, sizes[0])
@@ -90,8 +92,13 @@ def test_plan_chunk_is_the_cheapest_split(monkeypatch):
         monkeypatch.setattr(_DecodeSession, "chunk_tokens", fixed)
         session.active = torch.arange(n)
         live = 1.0 - min(max(stops / row_steps, 1e-3), 1.0)
-        want = _cheapest_first_chunk(n, remaining, live, fixed)[1]
+        want = _cheapest_first_chunk(n, remaining, [live ** u for u in range(remaining)], fixed)[1]
         assert session.plan_chunk(remaining, row_steps, stops) == want, (n, remaining, row_steps, stops, fixed)
+        # A survival curve from earlier calls' stops (non-increasing, from 1) replaces the rate.
+        survival = torch.cat([torch.ones(1), torch.rand(remaining - 1, generator=gen).sort(descending=True).values])
+        survival = survival.tolist()
+        want = _cheapest_first_chunk(n, remaining, survival, fixed)[1]
+        assert session.plan_chunk(remaining, 0, 0, survival) == want, (n, remaining, survival, fixed)
     session.active = torch.arange(32)
     monkeypatch.setattr(_DecodeSession, "chunk_tokens", 24)
     assert session.plan_chunk(16, 0, 0) == 1 and session.plan_chunk(3, 0, 0) == 1
@@ -100,3 +107,23 @@ def test_plan_chunk_is_the_cheapest_split(monkeypatch):
     assert session.plan_chunk(16, 100, 100) == 1  # every row stops after each step: no step is worth sharing
     monkeypatch.setattr(_DecodeSession, "chunk_tokens", 1)
     assert session.plan_chunk(16, 100, 0) == 1  # one step per forward, as generate() decodes
+
+
+def test_earlier_stops_plan_the_first_forward(monkeypatch):
+    """Rows that stop after 4 tokens (a stop-bias ladder), chunk_tokens 6: the first call, with no stop seen yet,
+    needs two forwards to get there; it records the stops, and the next call plans from them: one forward of
+    exactly 4 steps, same counts and embeddings. A forced schedule (benchmarks) neither records nor uses them."""
+    model = build("llama")
+    K = model.cfg.embed.max_embed_tokens
+    with torch.no_grad():
+        model.stop_step_bias.copy_(torch.tensor([-1e4] * 3 + [1e4] * (K - 3)))
+        fr = frames(3, seed=4)
+        first, forwards_first = _embed_counting_forwards(model, fr, None, 6, monkeypatch)
+        assert first.num_tokens.tolist() == [4, 4, 4] and forwards_first == 2
+        assert model._stop_history[(K, 1)][4] == 3 and sum(model._stop_history[(K, 1)]) == 3
+        again, forwards_again = _embed_counting_forwards(model, fr, None, 6, monkeypatch)
+        assert forwards_again == 1 and again.num_tokens.tolist() == [4, 4, 4] and model._stop_history[(K, 1)][4] == 6
+        torch.testing.assert_close(again.embeddings, first.embeddings, rtol=1e-5, atol=1e-5)
+        assert model._stop_survival(model._stop_history[(K, 1)], 0, 5) == [1.0, 1.0, 1.0, 1.0, 0.0]
+        _embed_counting_forwards(model, fr, torch.tensor([2, 2, 2]), 6, monkeypatch)
+        assert sum(model._stop_history[(K, 1)]) == 6

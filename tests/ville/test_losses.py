@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from conftest import build, frames
 
 from ville.losses import (LossCfg, contrastive_loss, count_sentences, expected_tokens, halting_targets, length_targets,
-                          multitask_loss, swapped_texts)
+                          localisation_loss, multitask_loss, swapped_texts)
 
 
 def test_halting_targets_by_hand():
@@ -78,6 +78,31 @@ def test_sentence_targets_feed_halting_from_detailed_captions_only():
     with pytest.raises(ValueError, match="loss.halting_target.*'length'"):
         multitask_loss(model, {"retrieval": ret}, LossCfg(halting_target="length"))
 
+
+
+def test_localisation_embeds_windows_and_queries_after_the_moment_prompts():
+    """localisation: each window after embed.moment_prompt, each query after embed.moment_text_prompt (the prompts
+    the moment eval uses), cross-entropy over the query's windows with the padding windows masked; the gradient
+    reaches the LLM through the moment prompts' own tokens."""
+    model = build("llama").train()
+    e = model.cfg.embed
+    e.moment_prompt = "Summarize the event in embeddings."
+    e.moment_text_prompt = "Summarize the event in one embedding."
+    b = {"frames": frames(6).unflatten(0, (2, 3)), "text": ["the red circle moves left", "the square turns blue"],
+         "window_mask": torch.tensor([[True, True, False], [True, True, True]])}
+    total, comps = multitask_loss(model, {"localisation": b}, LossCfg(localisation=2.0))
+    windows = model.video_embed_steps(b["frames"].flatten(0, 1), moment=True).per_step.unflatten(0, (2, 3))
+    ref = localisation_loss(LossCfg(), windows, model.text_embed_train(b["text"], moment=True),
+                            model.logit_scale.exp().squeeze(0), e.min_embed_tokens, b["window_mask"])
+    assert torch.allclose(total, 2.0 * ref, rtol=1e-5) and abs(comps["localisation"] - ref.item()) < 1e-5
+    clip_prompts = localisation_loss(LossCfg(), model.video_embed_steps(b["frames"].flatten(0, 1)).per_step
+                                     .unflatten(0, (2, 3)), model.text_embed_train(b["text"]),
+                                     model.logit_scale.exp().squeeze(0), e.min_embed_tokens, b["window_mask"])
+    assert abs(clip_prompts.item() - ref.item()) > 1e-4
+    total.backward()
+    grad = model.base_llm().get_input_embeddings().weight.grad
+    event = model._token_ids(["event"], "t")[0]  # a word only the moment prompts contain
+    assert grad is not None and grad[event].abs().sum() > 0
 
 def test_composed_task_contrasts_the_composed_query_with_the_edited_caption():
     """composed: InfoNCE between embed(video + edit) and the edited caption, equal edited captions are not

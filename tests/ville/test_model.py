@@ -213,6 +213,30 @@ def test_embeddings_unit_norm_and_text_composed():
     assert p.shape == (2,) and bool(((p > 0) & (p < 1)).all())
 
 
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_moment_prompt_embeds_windows_after_their_own_prompt(family):
+    """embed.moment_prompt: a window (moment=True) is embedded exactly as the same model with that prompt as its
+    video prompt embeds it, in the adaptive decode and the training steps alike; unset, moment=True is the video
+    path; the two prompts give different embeddings of the same frames."""
+    model, fr = build(family), frames(3)
+    with torch.no_grad():
+        plain = model.embed_video(fr)
+        unset = model.embed_video(fr, moment=True)
+        assert unset.num_tokens.tolist() == plain.num_tokens.tolist()
+        torch.testing.assert_close(unset.embeddings, plain.embeddings, rtol=1e-5, atol=1e-6)
+        model.cfg.embed.moment_prompt = "Summarize the event in embeddings."
+        window = model.embed_video(fr, moment=True)
+        window_steps = model.video_embed_steps(fr, moment=True).per_step
+        assert (window.embeddings - plain.embeddings).abs().max() > 1e-3
+        twin = copy.deepcopy(model)
+        twin.cfg.embed.video_prompt, twin.cfg.embed.moment_prompt = "Summarize the event in embeddings.", ""
+        ref = twin.embed_video(fr)
+        assert window.num_tokens.tolist() == ref.num_tokens.tolist()
+        torch.testing.assert_close(window.embeddings, ref.embeddings, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(window_steps, twin.video_embed_steps(fr).per_step, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.embed_video(fr).embeddings, plain.embeddings, rtol=1e-5, atol=1e-6)
+
 def test_float_frames_and_any_size():
     model = build("llama")
     u8 = frames(1, t=3, h=37, w=91)

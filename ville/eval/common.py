@@ -267,17 +267,19 @@ def video_embeddings(model, shards, clips, cache: Cache, name: str, cfg: EvalCfg
     return videos, answers
 
 
-def text_embeddings(model, texts: list[str], cache: Cache, cfg: EvalCfg) -> dict:
-    done = cache.load("texts")
+def text_embeddings(model, texts: list[str], cache: Cache, cfg: EvalCfg, moment: bool = False) -> dict:
+    """text -> embedding, cached; `moment`: moment queries, after embed.moment_text_prompt (a cache of their own)."""
+    name = "moment-texts" if moment and model.cfg.embed.moment_text_prompt else "texts"
+    done = cache.load(name)
     missing = sorted(set(texts) - set(done))
     new = {}
-    for batch in progress_bar(my_batches(missing, cfg.batch_size), "texts", cfg):
-        emb = model.embed_text(batch).float().cpu()
+    for batch in progress_bar(my_batches(missing, cfg.batch_size), name, cfg):
+        emb = model.embed_text(batch, moment=moment).float().cpu()
         new.update(zip(batch, emb))
     new = gather(new)
     if new:
         done.update(new)
-        cache.save("texts", done)
+        cache.save(name, done)
     return done
 
 

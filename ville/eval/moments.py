@@ -91,8 +91,8 @@ def moment(model, clips, temb, store: ClipStore, cache: Cache, cfg: EvalCfg) -> 
         duration, _, missing = wanted[key]
         frames = decode_windows(store.read(key), missing, cfg.num_frames, size=cfg.frame_size)[0]
         features = _window_features(model, frames)
-        embs = torch.cat([model.embed_video(None, features=features[i:i + cfg.window_batch_size]).embeddings.float()
-                          .cpu() for i in range(0, len(missing), cfg.window_batch_size)])
+        embs = torch.cat([model.embed_video(None, features=features[i:i + cfg.window_batch_size], moment=True)
+                          .embeddings.float().cpu() for i in range(0, len(missing), cfg.window_batch_size)])
         old = done.get(key)
         new[key] = {"duration": duration,
                     "windows": missing if old is None else np.concatenate([old["windows"], missing]),

@@ -103,8 +103,6 @@ def _run(model, data_dir: str, cfg: EvalCfg, cache: Cache, out_dir: str | None) 
             texts += [c for _, m in clips for c in captions(m) + [single_caption(m)] if c]
         if "long_text" in tasks:
             texts += [m["detailed_caption"] for _, m in clips if isinstance(m.get("detailed_caption"), str)]
-        if "moment" in tasks:
-            texts += [ev["text"] for _, m in clips for ev in events(m)]
         temb = text_embeddings(model, texts, cache, cfg)
         store = ClipStore(shards) if tasks & {"rerank", "moment"} else None
         lead = rank_world()[0] == 0  # sections without model work run on rank 0 only
@@ -115,7 +113,10 @@ def _run(model, data_dir: str, cfg: EvalCfg, cache: Cache, out_dir: str | None) 
         if "rerank" in tasks:
             results["rerank"] = rerank(model, clips, V, temb, store, cache, cfg, model_scale)
         if "moment" in tasks:
-            results["moment"] = moment(model, clips, temb, store, cache, cfg)
+            queries = [ev["text"] for _, m in clips for ev in events(m)]
+            texts += queries
+            results["moment"] = moment(model, clips, text_embeddings(model, queries, cache, cfg, moment=True), store,
+                                       cache, cfg)
         if "qa" in tasks and lead:
             results["qa"] = qa(clips, answers, data_dir, cfg)
         if "long_text" in tasks and lead:
