@@ -446,10 +446,10 @@ class ViLLE(nn.Module):
         schedule = None if stop_schedule is None else stop_schedule.to(self.device)
         t = 0
         row_steps = stops = 0  # live row-steps where a stop was possible, and the stops seen (plan_chunk)
-        history = self._stop_history.setdefault((K, kmin), [0.0] * (K + 1)) if schedule is None else None
+        history = self._stop_history.setdefault((K, kmin), [0.0] * (K + 1))
         while t < K:
             act = sess.active
-            survival = None if history is None else self._stop_survival(history, t, K - t)
+            survival = self._stop_survival(history, t, K - t)
             chunk = sess.plan_chunk(K - t, row_steps, stops, survival)
             if stop_schedule is None:
                 chunk = max(chunk, kmin - t)  # steps that cannot stop share a forward
@@ -482,13 +482,13 @@ class ViLLE(nn.Module):
                     if not bool(keep.any()):
                         break
                     sess.keep(keep)
-        if history is not None and kmin < K:
+        if schedule is None and kmin < K:  # forced schedules (benchmarks, tests) read the history, never write it
             self._record_stops(history, num)
         return EmbedOutput(self.head(states, num), num, stop_probs)
 
     # The stop steps of earlier adaptive calls, per (max, min) tokens: history[k] ~ how many rows stopped after k
     # tokens, halved whenever it passes STOP_HISTORY rows, so it follows the recent calls. It only plans how many steps
-    # share a decoder forward (`_DecodeSession.plan_chunk`); no result depends on it.
+    # share a decoder forward (`_DecodeSession.plan_chunk`); no result depends on it beyond float rounding.
     STOP_HISTORY = 1024
 
     def _record_stops(self, history: list[float], num: torch.Tensor) -> None:

@@ -112,7 +112,7 @@ def test_plan_chunk_is_the_cheapest_split(monkeypatch):
 def test_earlier_stops_plan_the_first_forward(monkeypatch):
     """Rows that stop after 4 tokens (a stop-bias ladder), chunk_tokens 6: the first call, with no stop seen yet,
     needs two forwards to get there; it records the stops, and the next call plans from them: one forward of
-    exactly 4 steps, same counts and embeddings. A forced schedule (benchmarks) neither records nor uses them."""
+    exactly 4 steps, same counts and embeddings. A forced schedule (benchmarks) plans from them but does not record."""
     model = build("llama")
     K = model.cfg.embed.max_embed_tokens
     with torch.no_grad():
@@ -125,5 +125,6 @@ def test_earlier_stops_plan_the_first_forward(monkeypatch):
         assert forwards_again == 1 and again.num_tokens.tolist() == [4, 4, 4] and model._stop_history[(K, 1)][4] == 6
         torch.testing.assert_close(again.embeddings, first.embeddings, rtol=1e-5, atol=1e-5)
         assert model._stop_survival(model._stop_history[(K, 1)], 0, 5) == [1.0, 1.0, 1.0, 1.0, 0.0]
-        _embed_counting_forwards(model, fr, torch.tensor([2, 2, 2]), 6, monkeypatch)
+        forced, forwards_forced = _embed_counting_forwards(model, fr, torch.tensor([4, 4, 2]), 6, monkeypatch)
+        assert forced.num_tokens.tolist() == [4, 4, 2] and forwards_forced == 1
         assert sum(model._stop_history[(K, 1)]) == 6
