@@ -162,7 +162,8 @@ def paired_embed_ms(final: str, data: str, runs: str, seed: int, clips: int = 64
         with open(out) as f:
             return json.load(f)["median"]
     model = ViLLE.from_pretrained(final).eval()
-    size = model.vision.cfg.overrides.get("img_size")
+    size = model.vision.input_size  # decoded at the tower's input size, as ville.eval decodes them
+    size = size[0] if size[0] == size[1] else None
     feats, n = [], 0
     with torch.no_grad():
         for b in iter_eval_clips(split_shards(data, "test"), model.cfg.vision.max_frames, batch_size=batch,
