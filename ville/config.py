@@ -104,6 +104,20 @@ class LoRACfg:
 
 
 @dataclass
+class MomentAdapterCfg:
+    # Low-rank deltas on the LLM's linear layers that are switched on only while localisation windows and moment
+    # queries are embedded (training and evaluation; ville/adapter.py). r = 0: none (every recipe before issue 24's
+    # last stage-3 change, and checkpoints saved without the key).
+    r: int = 0
+    alpha: float = 16.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                               "up_proj", "down_proj"])
+    # The moment passes train the adapter alone: the LLM, the embedding head, the projector, the token embeddings
+    # and the temperature see them through detached copies, so localisation cannot move what retrieval uses.
+    isolate: bool = True
+
+
+@dataclass
 class LLMCfg:
     # Hub name or local path of the pretrained decoder; only read when pretrained=true (a random decoder is described
     # by `config` alone, so a saved tiny model's config.yaml names no checkpoint it was not built from).
@@ -161,6 +175,7 @@ class ModelCfg:
     llm: LLMCfg = field(default_factory=LLMCfg)
     head: HeadCfg = field(default_factory=HeadCfg)
     embed: EmbedCfg = field(default_factory=EmbedCfg)
+    moment_adapter: MomentAdapterCfg = field(default_factory=MomentAdapterCfg)
     # A PaliGemma (1 or 2) hub id or local folder: the tower, projector, LLM and tokenizer are built from its config
     # and start from its weights (ville/vlm.py); the recipe's vision/llm architecture keys are then not read, its
     # other keys (frames, pooling, freezing, dtype, LoRA) are. None: separate towers (vision.name + llm.name/config).

@@ -41,9 +41,11 @@ class KVFormerHead(nn.Module):
         x = self.norm2(x + self.mlp(x))
         return self.out(x)
 
-    def forward(self, states: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, states: torch.Tensor, num_tokens: torch.Tensor | None) -> torch.Tensor:
         """states (B, K, H), num_tokens (B,) valid tokens per sample (>= 1) -> (B, D) L2-normalised.
-        Positions >= num_tokens[b] are padding and never influence the result."""
+        Positions >= num_tokens[b] are padding and never influence the result. num_tokens None: `per_step`."""
+        if num_tokens is None:
+            return self.per_step(states)
         tok = self.token_outputs(states)
         valid = torch.arange(tok.shape[1], device=tok.device)[None, :] < num_tokens.to(tok.device)[:, None]
         tok = tok.masked_fill(~valid[..., None], 0.0)  # also clears NaN/garbage in padded rows

@@ -298,8 +298,10 @@ def multitask_loss(model, batches: dict[str, dict], cfg: LossCfg, contrastive_ch
             steps = model.video_embed_steps(frames.flatten(0, 1), moment=True)
             per_step = steps.per_step.unflatten(0, (B, W))
             text_emb = model.text_embed_train(b["text"], moment=True)
+            adapter = model.moment_adapter  # an isolating adapter is all that localisation trains (ville/adapter.py)
+            loc_scale = scale.detach() if adapter is not None and adapter.cfg.isolate else scale
             add("localisation", cfg.localisation,
-                localisation_loss(cfg, per_step, text_emb, scale, kmin, b.get("window_mask")))
+                localisation_loss(cfg, per_step, text_emb, loc_scale, kmin, b.get("window_mask")))
         elif task == "matching":
             add("matching", cfg.matching, matching_loss(model.match_logits(frames, b["text"]), b["label"]))
         elif task == "composed":

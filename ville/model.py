@@ -20,6 +20,7 @@ generation ended before its first word. Text generation never emits `<emb>`, `<e
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adapter import MomentAdapter
 from .checkpoint import load_model, load_weights, save_model
 from .config import EmbedCfg, ModelCfg  # noqa: F401  (this stage's config; torch-free home in config.py)
 from .head import KVFormerHead, MatchHead
@@ -184,6 +186,9 @@ class ViLLE(nn.Module):
             vlm = VLMCheckpoint(cfg.init_from_vlm)
             cfg = vlm.resolve(cfg)
         self.cfg = cfg
+        if cfg.moment_adapter.r and cfg.llm.grad_checkpointing:
+            raise ValueError("model.moment_adapter: cannot be combined with model.llm.grad_checkpointing (the "
+                             "recomputed forward would run without the adapter)")
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.llm.tokenizer)
         self.vision = VisionTower(cfg.vision)
         llm = build_llm(cfg.llm, len(self.tokenizer), _saved_llm_config)
@@ -203,6 +208,8 @@ class ViLLE(nn.Module):
             raise ValueError("model.embed.stop_motion: needs model.vision.motion: true (it reads the change channels)")
         self.stop_motion = nn.Parameter(torch.zeros(1)) if cfg.embed.stop_motion else None
         self.register_load_state_dict_pre_hook(_scalars_to_vectors)
+        # hooks on the LLM's own layers, before peft wraps them (ville/adapter.py)
+        self.moment_adapter = MomentAdapter(llm, cfg.moment_adapter) if cfg.moment_adapter.r else None
         self.llm = apply_lora(llm, cfg.llm.lora) if cfg.llm.lora.enabled else llm
         ids = self.tokenizer
         self.bos_id = ids.bos_token_id if ids.bos_token_id is not None else ids.eos_token_id
@@ -247,6 +254,32 @@ class ViLLE(nn.Module):
         if moment and e.moment_prompt:
             return self._token_ids([e.moment_prompt], "moment_prompt") * batch
         return self._token_ids([e.video_prompt], "video_prompt") * batch
+
+    @contextlib.contextmanager
+    def _moment_scope(self, moment: bool):
+        """Inside: the moment adapter is on when `moment` (and the model has one); with `isolate` and gradients
+        enabled, `_decoder_forward` and `_head` also cut the moment pass off every other weight."""
+        adapter = self.moment_adapter
+        if not moment or adapter is None:
+            yield
+            return
+        adapter.active, adapter.isolating = True, adapter.cfg.isolate and torch.is_grad_enabled()
+        try:
+            yield
+        finally:
+            adapter.active = adapter.isolating = False
+
+    @property
+    def _isolating(self) -> bool:
+        return self.moment_adapter is not None and self.moment_adapter.isolating
+
+    def _head(self, states: torch.Tensor, num_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """The KV-Former head: `head(states, num_tokens)`, or `head.per_step(states)` when num_tokens is None; on
+        detached parameters inside an isolating moment pass."""
+        if not self._isolating:
+            return self.head.per_step(states) if num_tokens is None else self.head(states, num_tokens)
+        params = {n: p.detach() for n, p in self.head.named_parameters()}
+        return torch.func.functional_call(self.head, params, (states, num_tokens))
 
     def _token_ids(self, texts, what: str) -> list[list[int]]:
         if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
@@ -310,7 +343,13 @@ class ViLLE(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(embeds.shape[1], device=embeds.device)[None].expand(embeds.shape[0], -1)
         decoder = self.base_llm().get_decoder()
-        return decoder(inputs_embeds=embeds, position_ids=position_ids, ville_state=state).last_hidden_state
+        kwargs = {"inputs_embeds": embeds, "position_ids": position_ids, "ville_state": state}
+        if not self._isolating:
+            return decoder(**kwargs).last_hidden_state
+        # A moment pass under moment_adapter.isolate: gradients reach the adapter's hooks only.
+        kwargs["inputs_embeds"] = embeds.detach()
+        params = {n: p.detach() for n, p in decoder.named_parameters()}
+        return torch.func.functional_call(decoder, params, (), kwargs).last_hidden_state
 
     def _final_softcap(self, logits: torch.Tensor) -> torch.Tensor:
         cap = getattr(self.base_llm().config, "final_logit_softcapping", None)
@@ -357,8 +396,9 @@ class ViLLE(nn.Module):
         B = self.vision.validate(frames)
         prompt_ids = self._video_prompt_ids(B, moment) if prompts is None else self._token_ids(prompts, "prompts")
         tokens, energy = self.encode_video(frames) if video is None else video
-        states = self._suffix_states(self._video_prefixes(frames, prompt_ids, tokens), self.emb_query, k)
-        return EmbedSteps(self.head.per_step(states), self.stop_logit(states, energy=energy), states)
+        with self._moment_scope(moment):
+            states = self._suffix_states(self._video_prefixes(frames, prompt_ids, tokens), self.emb_query, k)
+            return EmbedSteps(self._head(states), self.stop_logit(states, energy=energy), states)
 
     def composed_embed_steps(self, frames, edits, k: int | None = None) -> EmbedSteps:
         edit_ids = self._token_ids(edits, "edits")
@@ -404,8 +444,9 @@ class ViLLE(nn.Module):
         which = "moment_text_prompt" if moment and e.moment_text_prompt else "text_prompt"
         prompt = self._token_ids([getattr(e, which)], which)[0]
         prefixes = [[self._embed_ids([self.bos_id] + t + prompt)] for t in ids]
-        states = self._suffix_states(prefixes, self.emb_query, 1)
-        return self.head(states, torch.ones(len(ids), dtype=torch.long, device=self.device))
+        with self._moment_scope(moment):
+            states = self._suffix_states(prefixes, self.emb_query, 1)
+            return self._head(states, torch.ones(len(ids), dtype=torch.long, device=self.device))
 
     def match_logits(self, frames, texts, video: torch.Tensor | None = None) -> torch.Tensor:
         """`video`: precomputed `video_tokens(frames)` (B, T*N, H) (one tower pass for a clip scored against many
@@ -518,8 +559,9 @@ class ViLLE(nn.Module):
         B = self.vision.validate(frames) if features is None else features.shape[0]
         prompt_ids = self._video_prompt_ids(B, moment)
         tokens, energy = self.encode_video(frames, features)
-        return self._adaptive_embed(self._video_prefixes(frames, prompt_ids, tokens), stop_threshold, max_embed_tokens,
-                                    min_embed_tokens, _stop_schedule, energy)
+        with self._moment_scope(moment):
+            return self._adaptive_embed(self._video_prefixes(frames, prompt_ids, tokens), stop_threshold,
+                                        max_embed_tokens, min_embed_tokens, _stop_schedule, energy)
 
     def embed_composed(self, frames, edits, stop_threshold=None, max_embed_tokens=None, min_embed_tokens=None,
                        num_tokens: int | None = None, features: torch.Tensor | None = None) -> EmbedOutput:

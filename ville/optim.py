@@ -1,5 +1,5 @@
-"""Optimiser and schedule: AdamW with per-part learning rates (tower / LLM / LoRA / projector and heads / stop
-biases), warmup then cosine decay to `min_lr_ratio` of each group's peak rate."""
+"""Optimiser and schedule: AdamW with per-part learning rates (tower / LLM / LoRA and the moment adapter /
+projector and heads / stop biases), warmup then cosine decay to `min_lr_ratio` of each group's peak rate."""
 from __future__ import annotations
 
 import math
@@ -13,7 +13,7 @@ from .config import OptimCfg  # noqa: F401  (this stage's config; torch-free hom
 def part_of(name: str) -> str:
     """Which learning-rate group a parameter belongs to, from its (possibly DDP/peft-wrapped) name."""
     name = name.removeprefix("module.")
-    if "lora_" in name:
+    if "lora_" in name or name.startswith("moment_adapter."):
         return "lora"
     if name.startswith("llm."):
         return "llm"

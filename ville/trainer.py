@@ -226,6 +226,9 @@ def train(recipe: Recipe, info: distributed.DistInfo) -> str:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     check_sources(recipe)
+    if cfg.parallel == "fsdp" and recipe.model.moment_adapter.r:
+        raise ValueError("model.moment_adapter: not supported with train.parallel=fsdp (its isolated passes run the "
+                         "decoder on detached copies of the parameters); use train.parallel=ddp")
     os.makedirs(cfg.out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     model = ViLLE(recipe.model).to(info.device)

@@ -100,3 +100,9 @@ def test_hub_reachable_gives_up_within_its_timeout(monkeypatch):
         t0 = time.perf_counter()
         assert trainer.hub_reachable(timeout=0.5) is False
         assert time.perf_counter() - t0 < 1.5
+
+
+def test_moment_adapter_under_fsdp_is_refused_before_the_model(no_model, shards, tmp_path, capsys):
+    rc, err = run(capsys, "recipes/tiny/stage3.yaml", f"data.train_shards={shards}", "train.init_from=null",
+                  f"train.out_dir={tmp_path / 'o'}", "train.parallel=fsdp", "model.moment_adapter.r=4")
+    assert rc == 2 and err.count("\n") == 1 and "model.moment_adapter" in err and "train.parallel=fsdp" in err

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build, frames
+from conftest import build, frames, tiny_cfg
 
 from ville.losses import (LossCfg, contrastive_loss, count_sentences, expected_tokens, halting_targets, length_targets,
                           localisation_loss, multitask_loss, swapped_texts)
@@ -103,6 +103,29 @@ def test_localisation_embeds_windows_and_queries_after_the_moment_prompts():
     grad = model.base_llm().get_input_embeddings().weight.grad
     event = model._token_ids(["event"], "t")[0]  # a word only the moment prompts contain
     assert grad is not None and grad[event].abs().sum() > 0
+
+def test_localisation_with_an_isolating_moment_adapter_trains_the_adapter_only():
+    """model.moment_adapter (isolate): the localisation term is the same cross-entropy, and its gradient reaches the
+    adapter and nothing else (not the temperature, which retrieval shares)."""
+    from dataclasses import replace
+
+    from ville import ViLLE
+    from ville.config import MomentAdapterCfg
+
+    torch.manual_seed(0)
+    model = ViLLE(replace(tiny_cfg("llama"), moment_adapter=MomentAdapterCfg(r=2))).train()
+    for p in model.moment_adapter.up.values():
+        torch.nn.init.normal_(p, 0, 0.1)
+    b = {"frames": frames(6).unflatten(0, (2, 3)), "text": ["the red circle moves left", "the square turns blue"]}
+    total, comps = multitask_loss(model, {"localisation": b}, LossCfg(localisation=2.0))
+    windows = model.video_embed_steps(b["frames"].flatten(0, 1), moment=True).per_step.unflatten(0, (2, 3))
+    ref = localisation_loss(LossCfg(), windows, model.text_embed_train(b["text"], moment=True),
+                            model.logit_scale.exp().squeeze(0), model.cfg.embed.min_embed_tokens)
+    assert torch.allclose(total, 2.0 * ref, rtol=1e-5)
+    total.backward()
+    graded = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert graded and graded == {n for n, _ in model.moment_adapter.named_parameters(prefix="moment_adapter")}
+
 
 def test_composed_task_contrasts_the_composed_query_with_the_edited_caption():
     """composed: InfoNCE between embed(video + edit) and the edited caption, equal edited captions are not

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
 from conftest import build, frames, tiny_cfg
 
 from ville import ViLLE
+from ville.config import MomentAdapterCfg
 from ville.llm import AttnState
 
 PROMPTS = ["Question: what colour is the circle? Answer:", "Describe", "how many objects move left and then up?"]
@@ -236,6 +238,109 @@ def test_moment_prompt_embeds_windows_after_their_own_prompt(family):
         torch.testing.assert_close(window.embeddings, ref.embeddings, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(window_steps, twin.video_embed_steps(fr).per_step, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(model.embed_video(fr).embeddings, plain.embeddings, rtol=1e-5, atol=1e-6)
+
+def _with_adapter(family: str, r: int = 4, isolate: bool = True, seed: int = 0) -> ViLLE:
+    """A tiny model with a moment adapter whose up-projections are random (a fresh one changes nothing)."""
+    torch.manual_seed(seed)
+    model = ViLLE(replace(tiny_cfg(family), moment_adapter=MomentAdapterCfg(r=r, alpha=8.0, isolate=isolate))).eval()
+    with torch.no_grad():
+        for p in model.moment_adapter.up.values():
+            p.normal_(0, 0.1)
+    return model
+
+
+def _folded(model: ViLLE) -> ViLLE:
+    """The model without its adapter, the adapter's deltas added into the LLM's weights (in the model's dtype): the
+    reference for a moment pass (its clip pass is then the moment pass of `model`)."""
+    twin = ViLLE(replace(model.cfg, moment_adapter=MomentAdapterCfg())).eval().to(model.logit_scale.dtype)
+    twin._llm_dtype = model._llm_dtype
+    missing, unexpected = twin.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and all(k.startswith("moment_adapter.") for k in unexpected)
+    a, layers = model.moment_adapter, dict(twin.llm.named_modules())
+    with torch.no_grad():
+        for key in a.down:
+            layers[key.replace("__", ".")].weight += a.scale * a.up[key] @ a.down[key]
+    return twin
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_moment_adapter_is_the_folded_weights_in_moment_passes_only(family):
+    """model.moment_adapter: a window (embed_video / video_embed_steps with moment=True) and a moment query
+    (embed_text(moment=True)) are embedded exactly as the model whose LLM weights include the adapter's
+    scale * B A embeds them as clips and texts; every other pass (clips, texts, generation) is the model without the
+    adapter; a fresh adapter (B = 0) changes nothing; a deep copy hooks its own adapter."""
+    model, fr = _with_adapter(family), frames(3)
+    folded = _folded(model)
+    plain = ViLLE(replace(model.cfg, moment_adapter=MomentAdapterCfg())).eval()
+    plain.load_state_dict(model.state_dict(), strict=False)
+    texts = ["the red circle moves left", "a square"]
+    with torch.no_grad():
+        window = model.embed_video(fr, moment=True)
+        ref = folded.embed_video(fr)
+        assert window.num_tokens.tolist() == ref.num_tokens.tolist()
+        torch.testing.assert_close(window.embeddings, ref.embeddings, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.video_embed_steps(fr, moment=True).per_step,
+                                   folded.video_embed_steps(fr).per_step, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.embed_text(texts, moment=True), folded.embed_text(texts), rtol=1e-5,
+                                   atol=1e-6)
+        clip = model.embed_video(fr)
+        assert (clip.embeddings - window.embeddings).abs().max() > 1e-3
+        # (rounding only: the decode's chunk plan follows each model's earlier stops)
+        torch.testing.assert_close(clip.embeddings, plain.embed_video(fr).embeddings, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.embed_text(texts), plain.embed_text(texts), rtol=0, atol=0)
+        assert model.generate(fr, ["Describe"] * 3, max_new_tokens=4) == plain.generate(fr, ["Describe"] * 3,
+                                                                                        max_new_tokens=4)
+        twin = copy.deepcopy(model)
+        for p in model.moment_adapter.up.values():
+            p.zero_()
+        torch.testing.assert_close(model.embed_video(fr, moment=True).embeddings, clip.embeddings, rtol=1e-5,
+                                   atol=1e-6)
+        torch.testing.assert_close(twin.embed_video(fr, moment=True).embeddings, window.embeddings, rtol=1e-5,
+                                   atol=1e-6)
+
+
+def test_isolated_moment_adapter_takes_every_gradient_of_a_moment_pass():
+    """moment_adapter.isolate: a loss on moment passes (windows and queries) gives gradients to the adapter only,
+    and they are the folded model's: dL/dB = scale * dL/dW' A^T and dL/dA = scale * B^T dL/dW' for each layer's
+    folded weight W' (float64); without `isolate` the LLM's weights get gradients too."""
+    model = _with_adapter("qwen2").double().train()
+    model._llm_dtype = torch.float64  # the dtype the inputs are cast to, read at construction
+    folded = _folded(model).train()
+    fr, texts = frames(3), ["the red circle moves left", "a square", "stars"]
+
+    def loss(m, moment):
+        per_step = m.video_embed_steps(fr, moment=moment).per_step
+        return (per_step * torch.linspace(-1, 1, per_step.shape[-1], dtype=per_step.dtype)).sum() + \
+            (m.text_embed_train(texts, moment=moment) ** 3).sum()
+
+    loss(model, True).backward()
+    loss(folded, False).backward()
+    graded = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert graded == {n for n, _ in model.moment_adapter.named_parameters(prefix="moment_adapter")}
+    a, layers = model.moment_adapter, dict(folded.llm.named_modules())
+    for key in a.down:
+        g = layers[key.replace("__", ".")].weight.grad
+        torch.testing.assert_close(a.up[key].grad, a.scale * g @ a.down[key].t(), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(a.down[key].grad, a.scale * a.up[key].t() @ g, rtol=1e-9, atol=1e-12)
+    shared = _with_adapter("qwen2", isolate=False).train()
+    loss(shared, True).backward()
+    assert shared.llm.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert shared.head.out.weight.grad.abs().sum() > 0
+
+
+def test_moment_adapter_saves_loads_and_names_bad_settings(tmp_path):
+    model, fr = _with_adapter("llama"), frames(2)
+    model.save_pretrained(str(tmp_path / "m"))
+    loaded = ViLLE.from_pretrained(str(tmp_path / "m")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.embed_video(fr, moment=True).embeddings,
+                                   model.embed_video(fr, moment=True).embeddings, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="model.moment_adapter.target_modules"):
+        ViLLE(replace(tiny_cfg(), moment_adapter=MomentAdapterCfg(r=2, target_modules=["qkv"])))
+    cfg = tiny_cfg()
+    with pytest.raises(ValueError, match="grad_checkpointing"):
+        ViLLE(replace(cfg, llm=replace(cfg.llm, grad_checkpointing=True), moment_adapter=MomentAdapterCfg(r=2)))
+
 
 def test_float_frames_and_any_size():
     model = build("llama")

@@ -268,8 +268,10 @@ def video_embeddings(model, shards, clips, cache: Cache, name: str, cfg: EvalCfg
 
 
 def text_embeddings(model, texts: list[str], cache: Cache, cfg: EvalCfg, moment: bool = False) -> dict:
-    """text -> embedding, cached; `moment`: moment queries, after embed.moment_text_prompt (a cache of their own)."""
-    name = "moment-texts" if moment and model.cfg.embed.moment_text_prompt else "texts"
+    """text -> embedding, cached; `moment`: moment queries, after embed.moment_text_prompt and through the moment
+    adapter (a cache of their own when either is set)."""
+    own = model.cfg.embed.moment_text_prompt or model.moment_adapter is not None
+    name = "moment-texts" if moment and own else "texts"
     done = cache.load(name)
     missing = sorted(set(texts) - set(done))
     new = {}
