@@ -39,6 +39,7 @@ bench: venv
 	$(PY) bench/bench_decode_attention.py
 	$(PY) bench/bench_decode.py
 	$(PY) bench/bench_data.py
+	$(PY) bench/bench_moment_adapter.py
 
 # A GPU machine's fixed image: plain python3, nothing installed or built (bench/gpu_check.py; < 8 min on an H100).
 gpu-check:

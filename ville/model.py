@@ -208,7 +208,7 @@ class ViLLE(nn.Module):
             raise ValueError("model.embed.stop_motion: needs model.vision.motion: true (it reads the change channels)")
         self.stop_motion = nn.Parameter(torch.zeros(1)) if cfg.embed.stop_motion else None
         self.register_load_state_dict_pre_hook(_scalars_to_vectors)
-        # hooks on the LLM's own layers, before peft wraps them (ville/adapter.py)
+        # the LLM's own layers, found before peft wraps them (ville/adapter.py)
         self.moment_adapter = MomentAdapter(llm, cfg.moment_adapter) if cfg.moment_adapter.r else None
         self.llm = apply_lora(llm, cfg.llm.lora) if cfg.llm.lora.enabled else llm
         ids = self.tokenizer
@@ -263,11 +263,13 @@ class ViLLE(nn.Module):
         if not moment or adapter is None:
             yield
             return
-        adapter.active, adapter.isolating = True, adapter.cfg.isolate and torch.is_grad_enabled()
+        adapter.activate()
+        adapter.isolating = adapter.cfg.isolate and torch.is_grad_enabled()
         try:
             yield
         finally:
-            adapter.active = adapter.isolating = False
+            adapter.deactivate()
+            adapter.isolating = False
 
     @property
     def _isolating(self) -> bool:
