@@ -50,10 +50,6 @@ class MomentAdapter(nn.Module):
             raise ValueError(f"model.moment_adapter.target_modules: {list(cfg.target_modules)} name no linear layer "
                              "of the LLM")
 
-    @property
-    def active(self) -> bool:
-        return bool(self._handles)
-
     def activate(self) -> None:
         """Hook the deltas onto the layers. Only while a moment pass runs: a hook that is registered but does
         nothing still sends every call of its layer through nn.Module's slower hooked path (+9-12 % per embedding
