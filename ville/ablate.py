@@ -18,8 +18,11 @@ Rows (ViLL-E's Table 5 / 6 in miniature; ../shared/PAPER.md):
 Headline rows (C, G+C, G+C+M and the fixed/adaptive comparison) run with three seeds and report mean and spread
 (min..max); the others with seed 0, the demo's seeds. Seed s > 0 adds 100 * s to every stage's `train.seed` and
 `data.seed`, so the spread covers initialisation and data order. Trainings are shared between rows (G+C+M continues
-G+C's stage 1), a finished stage is never retrained, an interrupted one resumes from its checkpoint, and an evaluated
-row is read back from its JSON: rerunning the command after a crash continues where it stopped.
+G+C's stage 1) and run first, `--jobs` at once (default 2: two 1-thread trainings on 2 cores do ~1.2x the work of one
+2-thread training; docs/design.md), each once its parent is trained; evaluations follow one at a time, so nothing
+else runs while a row is timed. A finished stage is never retrained, an interrupted one resumes from its
+checkpoint, and an evaluated row is read back from its JSON: rerunning the command after a crash continues where it
+stopped.
 
 Every row also reports the attribute-binding check (2-way accuracies, chance 50) when `DATA/binding` exists.
 
@@ -32,7 +35,9 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -99,15 +104,112 @@ def seed_overrides(stage: int, seed: int) -> list[str]:
     return [f"train.seed={stage + 100 * seed}", f"data.seed={stage + 100 * seed}"]
 
 
-def train_node(name: str, seed: int, data: str, runs: str, extra: list[str]) -> str:
-    """Train `name` (and its parents first) for `seed`; -> its final model folder. Finished stages are reused."""
-    node = NODES[name]
-    parent = train_node(node.parent, seed, data, runs, extra) if node.parent else None
-    seed_dir = os.path.join(runs, f"seed{seed}", name)
+def _node_extra(name: str, seed: int, parent_final: str | None, extra: list[str]) -> list[str]:
     # demo.train_stage names its folder stage{k} and initialises from stage{k-1} under the same root; the explicit
     # init_from below (listed after its own) points it at this node's parent instead.
-    return demo.train_stage(node.stage, data, seed_dir, [
-        *seed_overrides(node.stage, seed), f"train.init_from={parent or 'null'}", *node.overrides, *extra])
+    node = NODES[name]
+    return [*seed_overrides(node.stage, seed), f"train.init_from={parent_final or 'null'}", *node.overrides, *extra]
+
+
+def train_node(name: str, seed: int, data: str, runs: str, extra: list[str]) -> str:
+    """Train `name` (and its parents first) for `seed`, in this process; -> its final model folder. Finished stages
+    are reused."""
+    node = NODES[name]
+    parent = train_node(node.parent, seed, data, runs, extra) if node.parent else None
+    return demo.train_stage(node.stage, data, os.path.join(runs, f"seed{seed}", name),
+                            _node_extra(name, seed, parent, extra))
+
+
+def node_args(name: str, seed: int, data: str, runs: str, extra: list[str]) -> tuple[list[str], str]:
+    """`python -m ville.train` arguments of `name` for `seed` (what `train_node` runs) and its final model folder."""
+    node = NODES[name]
+    parent = node_args(node.parent, seed, data, runs, extra)[1] if node.parent else None
+    return demo.stage_args(node.stage, data, os.path.join(runs, f"seed{seed}", name),
+                           _node_extra(name, seed, parent, extra))
+
+
+def trainings(rows: list[Row], max_seeds: int | None) -> list[tuple[str, int]]:
+    """Every (node, seed) training the rows need, each once, parents before children."""
+    out: list[tuple[str, int]] = []
+    for row in rows:
+        for seed in row.seeds[: max_seeds or None]:
+            chain, name = [], row.node
+            while name:
+                chain.append(name)
+                name = NODES[name].parent
+            out += [(n, seed) for n in reversed(chain) if (n, seed) not in out]
+    return out
+
+
+def run_trainings(todo: list[tuple[str, int]], jobs: int, start, poll_s: float = 1.0) -> None:
+    """Run the trainings `todo` (parents before children), at most `jobs` at once, each once its parent has finished;
+    the longest remaining chain goes first. `start(name, seed)` -> a process (`poll()`, `send_signal()`, `wait()`, and
+    `log`, its log file), or None when there is nothing to train. After a failure nothing new starts, the running
+    ones finish, then one line names the failed training and its log. An interrupt (or any error here) passes SIGTERM
+    to the running trainings, which save a checkpoint and stop: the next invocation resumes them."""
+    children: dict[tuple[str, int], list] = {t: [] for t in todo}
+    for name, seed in todo:
+        if (NODES[name].parent, seed) in children:
+            children[(NODES[name].parent, seed)].append((name, seed))
+
+    def chain(t) -> int:
+        return 1 + max((chain(c) for c in children[t]), default=0)
+
+    waiting = sorted(todo, key=lambda t: -chain(t))  # stable: the rows' order among equal chains
+    done, running, failed = set(), {}, []
+
+    def ready():
+        return [t for t in waiting if (NODES[t[0]].parent, t[1]) not in children or (NODES[t[0]].parent, t[1]) in done]
+
+    try:
+        while (waiting and not failed) or running:
+            while len(running) < jobs and not failed and ready():
+                t = ready()[0]
+                waiting.remove(t)
+                proc = start(*t)
+                if proc is None:
+                    done.add(t)
+                else:
+                    running[t] = proc
+            for t, proc in list(running.items()):
+                rc = proc.poll()
+                if rc is not None:
+                    del running[t]
+                    if rc == 0:
+                        done.add(t)
+                    else:
+                        failed.append((t, rc, proc.log))
+            if running:
+                time.sleep(poll_s)
+    except BaseException:
+        for proc in running.values():
+            proc.send_signal(signal.SIGTERM)
+        for proc in running.values():
+            proc.wait()
+        raise
+    if failed:
+        (name, seed), rc, log = failed[0]
+        raise SystemExit(f"[ablate] training {name} (seed {seed}) failed with exit code {rc}; its log: {log}")
+
+
+def start_training(name: str, seed: int, data: str, runs: str, extra: list[str], threads: int):
+    """`node_args` as a `python -m ville.train` subprocess with `threads` CPU threads, its output in
+    RUNS/seed{seed}/{name}/stage{k}.log; None when its final model exists."""
+    args, final = node_args(name, seed, data, runs, extra)
+    stage = NODES[name].stage
+    if demo.trained(final):
+        print(f"[ablate] {name} (seed {seed}): {final} exists, not retraining")
+        return None
+    log = os.path.join(runs, f"seed{seed}", name, f"stage{stage}.log")
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    print(f"[ablate] training {name} (seed {seed}, {threads} thread(s); log {log}): python -m ville.train "
+          f"{' '.join(args)}", flush=True)
+    with open(log, "a") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "ville.train", *args, f"train.threads={threads}"],
+                                stdout=f, stderr=subprocess.STDOUT, env=env)
+    proc.log = log
+    return proc
 
 
 def evaluate_row(row: Row, seed: int, final: str, data: str, runs: str, eval_clips: int) -> dict:
@@ -245,7 +347,8 @@ def plot(summary: dict[str, dict[str, dict]], path: str) -> None:
     right.set_xlabel("ms per video (embedding without the tower, side by side)")
     right.set_ylabel("T2V R@1 (%)")
     right.set_title("fixed vs adaptive embedding length")
-    right.legend()
+    if right.get_legend_handles_labels()[0]:  # no length rows among --rows: an empty panel, no legend
+        right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -259,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, help="at most this many seeds per headline row (default 3)")
     ap.add_argument("--eval-clips", type=int, default=200, help="clips of the test split per evaluation")
     ap.add_argument("--train-overrides", nargs="*", default=[], help="extra dotted overrides for every training")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                    help="trainings at once, each a subprocess with CPU cores / jobs threads (default: 2 when there "
+                         "are 2 cores or more; 1: one after another, in this process)")
     for name, default in (("num-train", 3000), ("num-val", 100), ("num-test", 300), ("num-compositional", 200),
                           ("num-composed", 200)):
         ap.add_argument(f"--{name}", type=int, default=default, help="benchmark size when it must be generated")
@@ -268,20 +374,32 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: --rows: unknown row(s) {unknown}; choose from {list(known)}", file=sys.stderr)
         return 2
+    if args.jobs < 1:
+        print(f"error: --jobs: expected >= 1, got {args.jobs}", file=sys.stderr)
+        return 2
     rows = [known[r] for r in args.rows] if args.rows else list(ROWS)
     t0 = time.time()
     demo.generate(args.data, args)
     demo.generate_binding(args.data)
+    todo = trainings(rows, args.seeds)
+    if args.jobs == 1:
+        for name, seed in todo:
+            train_node(name, seed, args.data, args.runs, args.train_overrides)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        run_trainings(todo, args.jobs, lambda name, seed: start_training(name, seed, args.data, args.runs,
+                                                                         args.train_overrides, threads))
+    print(f"[ablate] {len(todo)} trainings ready ({time.time() - t0:.0f} s)")
     results: dict[str, dict[int, dict]] = {}
     for row in rows:
         for seed in row.seeds[: args.seeds or None]:
-            final = train_node(row.node, seed, args.data, args.runs, args.train_overrides)
+            final = node_args(row.node, seed, args.data, args.runs, args.train_overrides)[1]
             t = time.time()
             results.setdefault(row.name, {})[seed] = evaluate_row(row, seed, final, args.data, args.runs,
                                                                   args.eval_clips)
             print(f"[ablate] {row.name}, seed {seed}: {results[row.name][seed]} ({time.time() - t:.0f} s to evaluate)")
     for seed in sorted({s for r in LENGTHS for s in results.get(r, {})}):
-        ms = paired_embed_ms(train_node("gcm3", seed, args.data, args.runs, args.train_overrides),
+        ms = paired_embed_ms(node_args("gcm3", seed, args.data, args.runs, args.train_overrides)[1],
                              args.data, args.runs, seed)
         for row in LENGTHS:
             if seed in results.get(row, {}):

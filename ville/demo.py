@@ -57,18 +57,28 @@ def generate_binding(data: str) -> None:
     subprocess.run(cmd, check=True)
 
 
-def train_stage(stage: int, data: str, runs: str, extra: list[str]) -> str:
-    from .train import main as train_main
-
+def stage_args(stage: int, data: str, runs: str, extra: list[str]) -> tuple[list[str], str]:
+    """`python -m ville.train` arguments for tiny stage `stage` under `runs` (initialised from `runs`' previous stage;
+    a later `train.init_from` in `extra` wins), and the folder its final model goes to."""
     out = os.path.join(runs, f"stage{stage}")
-    final = os.path.join(out, "final")
-    if os.path.isfile(os.path.join(final, "model.safetensors")):
-        print(f"[demo] stage {stage}: {final} exists, not retraining")
-        return final
     overrides = [f"data.train_shards={data}/train/shard-*.tar", f"train.out_dir={out}",
                  f"train.init_from={os.path.join(runs, f'stage{stage - 1}', 'final')}" if stage > 1
                  else "train.init_from=null", *extra]
-    recipe = f"recipes/tiny/stage{stage}.yaml"
+    return [f"recipes/tiny/stage{stage}.yaml", *overrides], os.path.join(out, "final")
+
+
+def trained(final: str) -> bool:
+    return os.path.isfile(os.path.join(final, "model.safetensors"))
+
+
+def train_stage(stage: int, data: str, runs: str, extra: list[str]) -> str:
+    from .train import main as train_main
+
+    args, final = stage_args(stage, data, runs, extra)
+    if trained(final):
+        print(f"[demo] stage {stage}: {final} exists, not retraining")
+        return final
+    recipe, overrides = args[0], args[1:]
     print(f"[demo] training stage {stage}: python -m ville.train {recipe} {' '.join(overrides)}")
     t0 = time.time()
     if train_main([recipe, *overrides]) != 0:

@@ -13,7 +13,7 @@ the embedding-mode EOS `<eoe>` and another `<emb>`: stop_logit = logit[<eoe>] - 
 probability renormalised over the two tokens that are possible in embedding mode, plus a learned bias per step
 (`stop_step_bias`, zero at init): the step states differ little from one another, and the bias lets the stop head
 compare one per-video evidence against a threshold that moves with t. With `embed.stop_motion` that evidence includes
-one learned weight on the log of the clip's motion energy (`encode_video`): probes found the event count in the
+learned weights on the log of the clip's motion energies (`encode_video`): probes found the event count in the
 tower's change magnitudes but not in the LLM's step state (README, design choices). `<eoe>` is its own token, not the
 text `<eos>`: with a shared (and, in tied models, input-tied) row, the halting loss raised the text EOS and greedy
 generation ended before its first word. Text generation never emits `<emb>`, `<eoe>` or `<match>`.
@@ -206,7 +206,11 @@ class ViLLE(nn.Module):
         self.stop_step_bias = nn.Parameter(torch.zeros(cfg.embed.max_embed_tokens))
         if cfg.embed.stop_motion and not cfg.vision.motion:
             raise ValueError("model.embed.stop_motion: needs model.vision.motion: true (it reads the change channels)")
-        self.stop_motion = nn.Parameter(torch.zeros(1)) if cfg.embed.stop_motion else None
+        q = cfg.embed.stop_motion_quantiles
+        if q == 1 or q < 0 or (q and not cfg.embed.stop_motion):
+            raise ValueError(f"model.embed.stop_motion_quantiles: expected 0 (the clip's mean energy) or >= 2 with "
+                             f"model.embed.stop_motion: true, got {q} (stop_motion {cfg.embed.stop_motion})")
+        self.stop_motion = nn.Parameter(torch.zeros(max(q, 1))) if cfg.embed.stop_motion else None
         self.register_load_state_dict_pre_hook(_scalars_to_vectors)
         # the LLM's own layers, found before peft wraps them (ville/adapter.py)
         self.moment_adapter = MomentAdapter(llm, cfg.moment_adapter) if cfg.moment_adapter.r else None
@@ -308,11 +312,13 @@ class ViLLE(nn.Module):
 
     def encode_video(self, frames: torch.Tensor, features: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, T, ...) frames -> (video tokens (B, T*N, H), motion energy (B,) or None without `embed.stop_motion`).
-        The energy is the mean over a clip's tokens of the RMS over channels of each token's change since the previous
-        frame (the tower's motion channels), without gradient: the stop head reads it, halting does not train the
-        tower through it. `features`: the frames' `vision.frame_features`, computed once for clips sharing frames
-        (then `frames` may be None)."""
+        """(B, T, ...) frames -> (video tokens (B, T*N, H), motion energy (B, k) or None without `embed.stop_motion`).
+        A token's change energy is the RMS over channels of its change since the previous frame (the tower's motion
+        channels). k = 1 (`embed.stop_motion_quantiles` 0): the mean over a clip's tokens. k >= 2: k evenly spaced
+        quantiles (min .. max) of the per-frame means over frames 2..T (frame 1 has no previous frame; a 1-frame clip
+        gives zeros). Without gradient: the stop head reads it, halting does not train the tower through it.
+        `features`: the frames' `vision.frame_features`, computed once for clips sharing frames (then `frames` may be
+        None)."""
         if features is None:
             self.vision.validate(frames)
             x = self.vision(frames.to(self.device))
@@ -320,8 +326,15 @@ class ViLLE(nn.Module):
             x = self.vision.assemble(features.to(self.device))
         energy = None
         if self.stop_motion is not None:
-            C = self.vision.width
-            energy = (x[..., C:].detach().float().norm(dim=-1) / C ** 0.5).mean(1)
+            C, q = self.vision.width, self.cfg.embed.stop_motion_quantiles
+            per_token = x[..., C:].detach().float().norm(dim=-1) / C ** 0.5  # (B, T*N)
+            if not q:
+                energy = per_token.mean(1, keepdim=True)
+            else:
+                per_frame = per_token.reshape(x.shape[0], -1, self.vision.tokens_per_frame).mean(2)[:, 1:]
+                levels = torch.linspace(0, 1, q, device=x.device)
+                energy = (torch.quantile(per_frame, levels, dim=1).T if per_frame.shape[1]
+                          else per_frame.new_zeros(x.shape[0], q))
         return self.projector(x).to(self._llm_dtype), energy
 
     def _pack(self, prefixes: list[list[torch.Tensor]], suffixes: list[torch.Tensor] | None = None):
@@ -361,8 +374,8 @@ class ViLLE(nn.Module):
         return self._final_softcap(self.base_llm().get_output_embeddings()(h)).float()
 
     def stop_logit(self, h: torch.Tensor, energy: torch.Tensor | None = None, first_step: int = 0) -> torch.Tensor:
-        """Stop logits of embedding steps: h (B, k, H) of steps first_step + 1 .. first_step + k; energy (B,) from
-        `encode_video` -> (B, k) logit[<eoe>] - logit[<emb>] + stop_step_bias[step] + stop_motion * log(energy + 1e-4)
+        """Stop logits of embedding steps: h (B, k, H) of steps first_step + 1 .. first_step + k; energy (B, q) from
+        `encode_video` -> (B, k) logit[<eoe>] - logit[<emb>] + stop_step_bias[step] + stop_motion . log(energy + 1e-4)
         (only those two rows of the LM head are computed; steps past the configured maximum share the last bias; the
         motion term only with `embed.stop_motion` and a video; 1e-4 is well below a moving clip's energy, ~0.02)."""
         head = self.base_llm().get_output_embeddings()
@@ -373,7 +386,7 @@ class ViLLE(nn.Module):
         steps = first_step + torch.arange(h.shape[-2], device=h.device)
         out = logits[..., 0] - logits[..., 1] + self.stop_step_bias[steps.clamp_max(self.stop_step_bias.shape[0] - 1)]
         if energy is not None and self.stop_motion is not None:
-            out = out + (self.stop_motion * torch.log(energy.float() + 1e-4))[:, None]
+            out = out + (self.stop_motion * torch.log(energy.float() + 1e-4)).sum(-1, keepdim=True)
         return out
 
     def _full(self, prefixes, suffixes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -469,8 +482,8 @@ class ViLLE(nn.Module):
     @torch.no_grad()
     def _adaptive_embed(self, prefixes, stop_threshold, max_embed_tokens, min_embed_tokens,
                         stop_schedule: torch.Tensor | None = None, energy: torch.Tensor | None = None) -> EmbedOutput:
-        """`stop_schedule` (B,) forces each sample's stop step (benchmarks and tests of the loop's cost); `energy` (B,)
-        is the prefix video's motion energy (`encode_video`), read by the stop logit."""
+        """`stop_schedule` (B,) forces each sample's stop step (benchmarks and tests of the loop's cost); `energy`
+        (B, q) is the prefix video's motion energy (`encode_video`), read by the stop logit."""
         e = self.cfg.embed
         K = max_embed_tokens if max_embed_tokens is not None else e.max_embed_tokens
         kmin = min_embed_tokens if min_embed_tokens is not None else e.min_embed_tokens

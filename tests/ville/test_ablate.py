@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 
 import pytest
 from omegaconf import OmegaConf
@@ -64,6 +65,80 @@ def test_train_node_chains_parents_and_seeds(monkeypatch, tmp_path):
     assert not any("seed=" in o for o in calls[0][2])  # seed 0 keeps the recipes' (the demo's) seeds
 
 
+class _FakeTraining:
+    """A training that finishes after `steps` polls with `rc`, recording the scheduler's view."""
+
+    def __init__(self, t, log, steps, rc=0):
+        self.t, self.steps, self.rc, self.log, self.signals = t, steps, rc, log, []
+
+    def poll(self):
+        self.steps -= 1
+        if self.steps <= 0:
+            self.log["finished"].append(self.t)
+            self.log["running"].discard(self.t)
+            return self.rc
+        return None
+
+    def send_signal(self, sig):
+        self.signals.append(sig)
+
+    def wait(self):
+        return self.rc
+
+
+def _fake_start(log, steps=None, rc=None, trained=()):
+    def start(name, seed):
+        t = (name, seed)
+        parent = A.NODES[name].parent
+        assert parent is None or (parent, seed) in log["finished"] or (parent, seed) in trained, t  # parent first
+        log["started"].append(t)
+        if t in trained:
+            log["finished"].append(t)
+            return None
+        log["running"].add(t)
+        log["peak"] = max(log["peak"], len(log["running"]))
+        log["procs"][t] = _FakeTraining(t, log, (steps or {}).get(t, 2), (rc or {}).get(t, 0))
+        return log["procs"][t]
+    return start
+
+
+def _log():
+    return {"started": [], "finished": [], "running": set(), "peak": 0, "procs": {}}
+
+
+def test_trainings_run_parents_first_at_most_jobs_at_once():
+    todo = A.trainings([r for r in A.ROWS if r.name in ("C", "G+C+M", "without stage 2")], None)
+    assert todo[:3] == [("c1", 0), ("c1", 1), ("c1", 2)] and len(todo) == len(set(todo)) == 13
+    assert todo.index(("gc1", 0)) < todo.index(("gc2", 0)) < todo.index(("gcm3", 0))
+    assert A.trainings([A.ROWS[0]], 1) == [("c1", 0)]  # --seeds 1
+    log = _log()
+    A.run_trainings(todo, 2, _fake_start(log), poll_s=0)
+    assert sorted(log["finished"]) == sorted(todo) and log["peak"] == 2
+    # the longest chains start first: the three gc1 -> gc2 -> gcm3 chains before the c1 and no2-3 leaves
+    assert log["started"][:3] == [("gc1", 0), ("gc1", 1), ("gc1", 2)]
+    log = _log()
+    A.run_trainings(todo, 1, _fake_start(log, trained={("gc1", 0), ("gc2", 0)}), poll_s=0)
+    assert sorted(log["finished"]) == sorted(todo) and log["peak"] == 1
+
+
+def test_a_failed_training_stops_new_ones_and_names_its_log():
+    todo = A.trainings([r for r in A.ROWS if r.name in ("G+C+M", "C")], 1)  # gc1, gc2, gcm3, c1
+    log = _log()
+    start = _fake_start(log, steps={("gc1", 0): 1, ("c1", 0): 5}, rc={("gc1", 0): 3})
+    with pytest.raises(SystemExit, match=r"^\[ablate\] training gc1 \(seed 0\) failed with exit code 3; its log: "):
+        A.run_trainings(todo, 2, start, poll_s=0)
+    assert log["started"] == [("gc1", 0), ("c1", 0)] and ("c1", 0) in log["finished"]  # c1 ran to its end
+    log = _log()
+
+    def interrupted(name, seed):
+        if log["started"]:
+            raise KeyboardInterrupt
+        return _fake_start(log, steps={("gc1", 0): 10})(name, seed)
+    with pytest.raises(KeyboardInterrupt):
+        A.run_trainings(todo, 2, interrupted, poll_s=0)
+    assert log["procs"][("gc1", 0)].signals == [signal.SIGTERM]  # the running training checkpoints and stops
+
+
 def test_summary_and_table():
     results = {"C": {0: {"T2V R@1": 10.0, "V2T R@1": 8.0}, 1: {"T2V R@1": 14.0, "V2T R@1": 9.0},
                      2: {"T2V R@1": 12.0, "V2T R@1": 7.0}},
@@ -88,9 +163,9 @@ def test_two_rows_run_and_a_rerun_reuses_them(tmp_path, monkeypatch, capsys):
     data, runs = str(tmp_path / "data"), str(tmp_path / "runs")
     argv = ["--data", data, "--runs", runs, "--rows", "G+C", "fixed 1", "--seeds", "1", "--eval-clips", "6",
             "--num-train", "48", "--num-val", "0", "--num-test", "6", "--num-compositional", "0",
-            "--num-composed", "0", "--train-overrides", "train.max_steps=2", "train.save_every=1",
+            "--num-composed", "0", "--jobs", "1", "--train-overrides", "train.max_steps=2", "train.save_every=1",
             "data.num_workers=0"]
-    assert A.main(argv) == 0
+    assert A.main(argv) == 0  # --jobs 1: trained in this process (a subprocess imports torch & co. for ~15 s)
     out = json.load(open(os.path.join(runs, "ablation.json")))
     assert set(out["seeds"]) == {"G+C", "fixed 1"}
     assert out["seeds"]["fixed 1"]["0"]["mean tokens"] == 1.0  # every video embedded with exactly one token
@@ -104,7 +179,14 @@ def test_two_rows_run_and_a_rerun_reuses_them(tmp_path, monkeypatch, capsys):
     for name in ("ablation.md", "ablation.png"):
         assert os.path.getsize(os.path.join(runs, name)) > 0
     capsys.readouterr()
+    argv[argv.index("--jobs") + 1] = "2"
     assert A.main(argv) == 0
     log = capsys.readouterr().out
-    assert "exists, not retraining" in log and "training stage" not in log
+    assert "exists, not retraining" in log and "[ablate] training" not in log and "[demo] training" not in log
     assert json.load(open(os.path.join(runs, "ablation.json")))["seeds"] == out["seeds"]
+    # --jobs 2 trains in subprocesses (here one: C's stage 1), each logged beside its run folder.
+    argv[argv.index("--rows") + 1: argv.index("--seeds")] = ["C"]
+    assert A.main(argv) == 0
+    assert "[ablate] training c1 (seed 0, 1 thread(s)" in capsys.readouterr().out
+    assert "final model:" in open(os.path.join(runs, "seed0", "c1", "stage1.log")).read()
+    assert set(json.load(open(os.path.join(runs, "ablation.json")))["seeds"]) == {"C"}

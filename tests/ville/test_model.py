@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import build, frames, tiny_cfg
 
 from ville import ViLLE
@@ -563,10 +564,11 @@ def test_stop_motion_reads_the_motion_energy():
         model.stop_step_bias.copy_(torch.randn_like(model.stop_step_bias))
         tokens, energy = model.encode_video(fr)
         x, C = model.vision(fr), model.vision.width
-        torch.testing.assert_close(energy.double(), x[..., C:].double().pow(2).mean(-1).sqrt().mean(1))
+        assert energy.shape == (3, 1)
+        torch.testing.assert_close(energy[:, 0].double(), x[..., C:].double().pow(2).mean(-1).sqrt().mean(1))
         assert energy.min() > 0 and model.encode_video(fr[:, :1].expand(-1, 4, -1, -1, -1))[1].abs().max() == 0
         steps = model.video_embed_steps(fr, 4)
-        term = (-2.0 * torch.log(energy + 1e-4))[:, None].expand(-1, 4)
+        term = (-2.0 * torch.log(energy + 1e-4)).expand(-1, 4)
         torch.testing.assert_close(steps.stop_logits - model.stop_logit(steps.states), term)
         out = model.embed_video(fr, num_tokens=4)
         torch.testing.assert_close(out.stop_probs, torch.sigmoid(steps.stop_logits), rtol=1e-4, atol=1e-5)
@@ -574,6 +576,57 @@ def test_stop_motion_reads_the_motion_energy():
     cfg.embed.stop_motion = True
     with pytest.raises(ValueError, match="stop_motion.*vision.motion"):
         ViLLE(cfg)
+
+
+@pytest.mark.parametrize("t,q", [(5, 2), (3, 4), (8, 8)])
+def test_stop_motion_quantiles_read_per_frame_energies(t, q, tmp_path):
+    """embed.stop_motion_quantiles q: the energy is q evenly spaced quantiles (linear interpolation, min .. max) of the
+    per-frame mean change energies of frames 2..T (fp64 reference); the stop logit gains stop_motion . log(energy +
+    1e-4), in the teacher-forced and the decoding pass alike; the weights get the halting gradient, the tower none
+    through the energy; they survive save/load; a 1-frame clip gives zeros; bad settings are refused in one line."""
+    cfg = tiny_cfg("llama")
+    cfg.vision.motion, cfg.embed.stop_motion, cfg.embed.stop_motion_quantiles = True, True, q
+    torch.manual_seed(0)
+    model = ViLLE(cfg).eval()
+    assert model.stop_motion.shape == (q,)
+    fr = frames(3, t=t, seed=3)
+    with torch.no_grad():
+        model.stop_motion.copy_(torch.linspace(-1.5, 0.5, q))
+        model.stop_step_bias.copy_(torch.randn_like(model.stop_step_bias))
+        _, energy = model.encode_video(fr)
+        x, C, N = model.vision(fr).double(), model.vision.width, model.vision.tokens_per_frame
+    per_frame = x[..., C:].pow(2).mean(-1).sqrt().view(3, t, N).mean(2)[:, 1:]
+    ranked = per_frame.sort(1).values
+    pos = torch.linspace(0, 1, q, dtype=torch.float64) * (t - 2)  # fractional rank of each level among T-1 values
+    lo, hi = pos.floor().long(), pos.ceil().long()
+    want = ranked[:, lo] + (ranked[:, hi] - ranked[:, lo]) * (pos - lo)
+    assert energy.shape == (3, q)
+    torch.testing.assert_close(energy.double(), want, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        steps = model.video_embed_steps(fr, 4)
+        term = (model.stop_motion.double() * torch.log(want + 1e-4)).sum(-1, keepdim=True).expand(-1, 4)
+        torch.testing.assert_close(steps.stop_logits.double() - model.stop_logit(steps.states).double(), term,
+                                   rtol=1e-4, atol=1e-4)
+        out = model.embed_video(fr, num_tokens=4)
+        torch.testing.assert_close(out.stop_probs, torch.sigmoid(steps.stop_logits), rtol=1e-4, atol=1e-5)
+        assert model.encode_video(fr[:, :1])[1].abs().max() == 0  # one frame: no change to measure
+    model.train()
+    steps = model.video_embed_steps(fr, 4)
+    F.binary_cross_entropy_with_logits(steps.stop_logits, torch.ones_like(steps.stop_logits)).backward()
+    assert model.stop_motion.grad.abs().min() > 0
+    assert not model.encode_video(fr)[1].requires_grad  # no gradient into the tower through the energy
+    model.eval().save_pretrained(str(tmp_path / "m"))
+    loaded = ViLLE.from_pretrained(str(tmp_path / "m")).eval()
+    assert loaded.cfg.embed.stop_motion_quantiles == q
+    torch.testing.assert_close(loaded.stop_motion, model.stop_motion)
+    with torch.no_grad():
+        a, b = model.embed_video(fr), loaded.embed_video(fr)
+    assert a.num_tokens.tolist() == b.num_tokens.tolist()
+    torch.testing.assert_close(a.embeddings, b.embeddings)
+    for bad, stop in ((1, True), (-2, True), (4, False)):
+        cfg.embed.stop_motion_quantiles, cfg.embed.stop_motion = bad, stop
+        with pytest.raises(ValueError, match="^model.embed.stop_motion_quantiles: expected 0"):
+            ViLLE(cfg)
 
 
 def test_shared_frame_features_equal_frames():
