@@ -196,11 +196,10 @@ def start_training(name: str, seed: int, data: str, runs: str, extra: list[str],
     """`node_args` as a `python -m ville.train` subprocess with `threads` CPU threads, its output in
     RUNS/seed{seed}/{name}/stage{k}.log; None when its final model exists."""
     args, final = node_args(name, seed, data, runs, extra)
-    stage = NODES[name].stage
     if demo.trained(final):
         print(f"[ablate] {name} (seed {seed}): {final} exists, not retraining")
         return None
-    log = os.path.join(runs, f"seed{seed}", name, f"stage{stage}.log")
+    log = os.path.dirname(final) + ".log"  # beside the run folder RUNS/seed{seed}/{name}/stage{k}
     os.makedirs(os.path.dirname(log), exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     print(f"[ablate] training {name} (seed {seed}, {threads} thread(s); log {log}): python -m ville.train "
