@@ -15,6 +15,10 @@ Rows (ViLL-E's Table 5 / 6 in miniature; ../shared/PAPER.md):
                             besides each row's own evaluation, the four lengths are timed side by side on the same
                             clips and model ("embed ms / video": prefill + decode + head; `paired_embed_ms`)
 
+Every training runs the tiny recipe's whole schedule at `--steps` times its length (default 0.5: max_steps, warmup
+and checkpoint interval halved, the cosine decay over the shorter run), so the 17 trainings fit an hour on 2 cores;
+`--steps 1` trains them as the demo does (~1.5 h). A runs folder keeps one length: another is refused.
+
 Headline rows (C, G+C, G+C+M and the fixed/adaptive comparison) run with three seeds and report mean and spread
 (min..max); the others with seed 0, the demo's seeds. Seed s > 0 adds 100 * s to every stage's `train.seed` and
 `data.seed`, so the spread covers initialisation and data order. Trainings are shared between rows (G+C+M continues
@@ -27,7 +31,8 @@ stopped.
 Every row also reports the attribute-binding check (2-way accuracies, chance 50) when `DATA/binding` exists.
 
 Output: `RUNS/ablation.md` (table), `RUNS/ablation.json` (every number and seed), `RUNS/ablation.png` (T2V R@1 per
-row with the seeds' spread, and R@1 against ms per video for fixed and adaptive lengths).
+row with the seeds' spread, and R@1 against ms per video for fixed and adaptive lengths), `RUNS/schedule.json`
+(the --steps its trainings ran at).
 """
 from __future__ import annotations
 
@@ -45,6 +50,9 @@ from dataclasses import dataclass
 from . import demo
 
 HEADLINE_SEEDS = (0, 1, 2)
+# Every training at half the tiny recipes' steps by default: the 17 trainings at the demo's length take ~1.5 h two at
+# a time on 2 cores (docs/experiments.md, 2026-12-06), the issue's budget is an hour. --steps 1 runs them in full.
+STEPS = 0.5
 
 
 @dataclass(frozen=True)
@@ -104,28 +112,44 @@ def seed_overrides(stage: int, seed: int) -> list[str]:
     return [f"train.seed={stage + 100 * seed}", f"data.seed={stage + 100 * seed}"]
 
 
-def _node_extra(name: str, seed: int, parent_final: str | None, extra: list[str]) -> list[str]:
+def schedule_overrides(stage: int, steps: float) -> list[str]:
+    """Tiny stage `stage`'s schedule at `steps` times the recipe's length (1: the demo's own, no override): its
+    `train.max_steps`, `optim.warmup_steps` and `train.save_every`, each rounded and at least 1 (warmup at least 0).
+    The cosine decay follows max_steps, so a shorter run is a whole schedule, not a cut-off long one."""
+    if steps == 1:
+        return []
+    from .config import read_yaml
+
+    raw = read_yaml(f"recipes/tiny/stage{stage}.yaml")
+    return [f"train.max_steps={max(1, round(raw.train.max_steps * steps))}",
+            f"optim.warmup_steps={max(0, round(raw.optim.warmup_steps * steps))}",
+            f"train.save_every={max(1, round(raw.train.save_every * steps))}"]
+
+
+def _node_extra(name: str, seed: int, parent_final: str | None, extra: list[str], steps: float = 1.0) -> list[str]:
     # demo.train_stage names its folder stage{k} and initialises from stage{k-1} under the same root; the explicit
     # init_from below (listed after its own) points it at this node's parent instead.
     node = NODES[name]
-    return [*seed_overrides(node.stage, seed), f"train.init_from={parent_final or 'null'}", *node.overrides, *extra]
+    return [*seed_overrides(node.stage, seed), *schedule_overrides(node.stage, steps),
+            f"train.init_from={parent_final or 'null'}", *node.overrides, *extra]
 
 
-def train_node(name: str, seed: int, data: str, runs: str, extra: list[str]) -> str:
+def train_node(name: str, seed: int, data: str, runs: str, extra: list[str], steps: float = 1.0) -> str:
     """Train `name` (and its parents first) for `seed`, in this process; -> its final model folder. Finished stages
     are reused."""
     node = NODES[name]
-    parent = train_node(node.parent, seed, data, runs, extra) if node.parent else None
+    parent = train_node(node.parent, seed, data, runs, extra, steps) if node.parent else None
     return demo.train_stage(node.stage, data, os.path.join(runs, f"seed{seed}", name),
-                            _node_extra(name, seed, parent, extra))
+                            _node_extra(name, seed, parent, extra, steps))
 
 
-def node_args(name: str, seed: int, data: str, runs: str, extra: list[str]) -> tuple[list[str], str]:
+def node_args(name: str, seed: int, data: str, runs: str, extra: list[str],
+              steps: float = 1.0) -> tuple[list[str], str]:
     """`python -m ville.train` arguments of `name` for `seed` (what `train_node` runs) and its final model folder."""
     node = NODES[name]
-    parent = node_args(node.parent, seed, data, runs, extra)[1] if node.parent else None
+    parent = node_args(node.parent, seed, data, runs, extra, steps)[1] if node.parent else None
     return demo.stage_args(node.stage, data, os.path.join(runs, f"seed{seed}", name),
-                           _node_extra(name, seed, parent, extra))
+                           _node_extra(name, seed, parent, extra, steps))
 
 
 def trainings(rows: list[Row], max_seeds: int | None) -> list[tuple[str, int]]:
@@ -192,10 +216,10 @@ def run_trainings(todo: list[tuple[str, int]], jobs: int, start, poll_s: float =
         raise SystemExit(f"[ablate] training {name} (seed {seed}) failed with exit code {rc}; its log: {log}")
 
 
-def start_training(name: str, seed: int, data: str, runs: str, extra: list[str], threads: int):
+def start_training(name: str, seed: int, data: str, runs: str, extra: list[str], threads: int, steps: float = 1.0):
     """`node_args` as a `python -m ville.train` subprocess with `threads` CPU threads, its output in
     RUNS/seed{seed}/{name}/stage{k}.log; None when its final model exists."""
-    args, final = node_args(name, seed, data, runs, extra)
+    args, final = node_args(name, seed, data, runs, extra, steps)
     if demo.trained(final):
         print(f"[ablate] {name} (seed {seed}): {final} exists, not retraining")
         return None
@@ -364,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                     help="trainings at once, each a subprocess with CPU cores / jobs threads (default: 2 when there "
                          "are 2 cores or more; 1: one after another, in this process)")
+    ap.add_argument("--steps", type=float, default=STEPS,
+                    help=f"every training's schedule at this fraction of the tiny recipes' steps (default {STEPS}: "
+                         f"the whole ablation within an hour on 2 cores; 1: the demo's schedule)")
     for name, default in (("num-train", 3000), ("num-val", 100), ("num-test", 300), ("num-compositional", 200),
                           ("num-composed", 200)):
         ap.add_argument(f"--{name}", type=int, default=default, help="benchmark size when it must be generated")
@@ -376,36 +403,54 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs < 1:
         print(f"error: --jobs: expected >= 1, got {args.jobs}", file=sys.stderr)
         return 2
+    if not 0 < args.steps <= 1:
+        print(f"error: --steps: expected a fraction in (0, 1], got {args.steps}", file=sys.stderr)
+        return 2
+    marker = os.path.join(args.runs, "schedule.json")  # trainings at another length must not be reused
+    before = None
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            before = json.load(f).get("steps")
+    elif any(d.startswith("seed") for d in (os.listdir(args.runs) if os.path.isdir(args.runs) else [])):
+        before = 1.0  # trained before --steps existed: at the recipes' own length
+    if before is not None and before != args.steps:
+        print(f"error: --steps {args.steps}: {args.runs} holds trainings at --steps {before}; pass --steps {before}, "
+              f"or another --runs", file=sys.stderr)
+        return 2
     rows = [known[r] for r in args.rows] if args.rows else list(ROWS)
     t0 = time.time()
+    os.makedirs(args.runs, exist_ok=True)
+    with open(marker, "w") as f:
+        json.dump({"steps": args.steps}, f)
     demo.generate(args.data, args)
     demo.generate_binding(args.data)
     todo = trainings(rows, args.seeds)
     if args.jobs == 1:
         for name, seed in todo:
-            train_node(name, seed, args.data, args.runs, args.train_overrides)
+            train_node(name, seed, args.data, args.runs, args.train_overrides, args.steps)
     else:
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
         run_trainings(todo, args.jobs, lambda name, seed: start_training(name, seed, args.data, args.runs,
-                                                                         args.train_overrides, threads))
+                                                                         args.train_overrides, threads, args.steps))
     print(f"[ablate] {len(todo)} trainings ready ({time.time() - t0:.0f} s)")
     results: dict[str, dict[int, dict]] = {}
     for row in rows:
         for seed in row.seeds[: args.seeds or None]:
-            final = node_args(row.node, seed, args.data, args.runs, args.train_overrides)[1]
+            final = node_args(row.node, seed, args.data, args.runs, args.train_overrides, args.steps)[1]
             t = time.time()
             results.setdefault(row.name, {})[seed] = evaluate_row(row, seed, final, args.data, args.runs,
                                                                   args.eval_clips)
             print(f"[ablate] {row.name}, seed {seed}: {results[row.name][seed]} ({time.time() - t:.0f} s to evaluate)")
     for seed in sorted({s for r in LENGTHS for s in results.get(r, {})}):
-        ms = paired_embed_ms(node_args("gcm3", seed, args.data, args.runs, args.train_overrides)[1],
+        ms = paired_embed_ms(node_args("gcm3", seed, args.data, args.runs, args.train_overrides, args.steps)[1],
                              args.data, args.runs, seed)
         for row in LENGTHS:
             if seed in results.get(row, {}):
                 results[row][seed]["embed ms / video"] = ms[row]
         print(f"[ablate] embedding ms per video side by side, seed {seed}: {ms}")
     summary = summarise(results)
-    header = (f"ville ablations: {args.num_train} synthetic training clips, {args.eval_clips} test clips; "
+    header = (f"ville ablations: {args.num_train} synthetic training clips, {args.eval_clips} test clips, "
+              f"{args.steps:g} x the tiny recipes' steps; "
               f"{time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} CPU, {time.time() - t0:.0f} s "
               f"(this invocation; finished trainings and evaluations are reused)")
     table = markdown(summary)

@@ -65,6 +65,25 @@ def test_train_node_chains_parents_and_seeds(monkeypatch, tmp_path):
     assert not any("seed=" in o for o in calls[0][2])  # seed 0 keeps the recipes' (the demo's) seeds
 
 
+def test_steps_scale_every_schedule_and_an_override_still_wins():
+    """--steps f: each stage's max_steps, warmup and checkpoint interval at f times its recipe's, rounded; 1 is the
+    recipes' own schedule (no override); a caller's later override wins over the scaled one."""
+    for stage in (1, 2, 3):
+        raw = load_recipe(f"recipes/tiny/stage{stage}.yaml")
+        assert A.schedule_overrides(stage, 1.0) == []
+        got = load_recipe(f"recipes/tiny/stage{stage}.yaml", A.schedule_overrides(stage, 0.5))
+        assert got.train.max_steps == round(raw.train.max_steps * 0.5)
+        assert got.optim.warmup_steps == round(raw.optim.warmup_steps * 0.5)
+        assert got.train.save_every == round(raw.train.save_every * 0.5)
+        assert got.optim.lr == raw.optim.lr and got.train.tasks == raw.train.tasks  # nothing else moves
+    assert load_recipe("recipes/tiny/stage1.yaml", A.schedule_overrides(1, 0.001)).train.max_steps == 1
+    args, final = A.node_args("gcm3", 1, "data", "runs", ["train.max_steps=2"], steps=0.5)
+    stage3 = load_recipe(args[0], args[1:])
+    assert stage3.train.max_steps == 2 and stage3.train.seed == 103
+    assert stage3.train.init_from == os.path.join("runs", "seed1", "gc2", "stage2", "final")
+    assert A.STEPS == 0.5
+
+
 class _FakeTraining:
     """A training that finishes after `steps` polls with `rc`, recording the scheduler's view."""
 
@@ -190,3 +209,10 @@ def test_two_rows_run_and_a_rerun_reuses_them(tmp_path, monkeypatch, capsys):
     assert "[ablate] training c1 (seed 0, 1 thread(s)" in capsys.readouterr().out
     assert "final model:" in open(os.path.join(runs, "seed0", "c1", "stage1.log")).read()
     assert set(json.load(open(os.path.join(runs, "ablation.json")))["seeds"]) == {"C"}
+    # These trainings ran at the default --steps: the same folder at another length is refused, in one line.
+    assert json.load(open(os.path.join(runs, "schedule.json"))) == {"steps": A.STEPS}
+    capsys.readouterr()
+    assert A.main([*argv, "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"holds trainings at --steps {A.STEPS}" in err[0]
+    assert A.main([*argv, "--steps", "0"]) == 2
