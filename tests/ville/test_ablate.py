@@ -81,7 +81,7 @@ def test_steps_scale_every_schedule_and_an_override_still_wins():
     stage3 = load_recipe(args[0], args[1:])
     assert stage3.train.max_steps == 2 and stage3.train.seed == 103
     assert stage3.train.init_from == os.path.join("runs", "seed1", "gc2", "stage2", "final")
-    assert A.STEPS == 0.5
+    assert A.STEPS == 1  # the demo's schedule unless asked
 
 
 class _FakeTraining:
@@ -212,7 +212,7 @@ def test_two_rows_run_and_a_rerun_reuses_them(tmp_path, monkeypatch, capsys):
     # These trainings ran at the default --steps: the same folder at another length is refused, in one line.
     assert json.load(open(os.path.join(runs, "schedule.json"))) == {"steps": A.STEPS}
     capsys.readouterr()
-    assert A.main([*argv, "--steps", "1"]) == 2
+    assert A.main([*argv, "--steps", "0.5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"holds trainings at --steps {A.STEPS}" in err[0]
     assert A.main([*argv, "--steps", "0"]) == 2
