@@ -16,9 +16,9 @@ Rows (ViLL-E's Table 5 / 6 in miniature; ../shared/PAPER.md):
                             clips and model ("embed ms / video": prefill + decode + head; `paired_embed_ms`)
 
 Every training runs the tiny recipe's whole schedule (the demo's; 17 trainings, ~1.5 h two at a time on 2 cores), or
-with `--steps f` at f times its length: max_steps, warmup and checkpoint interval scaled, the cosine decay over the
-shorter run. Half the length takes 42 min but leaves the rows inside each other's spread (docs/design.md). A runs
-folder keeps one length: another is refused.
+with `--steps f` (one f for every stage, or one per stage) at f times its length: max_steps, warmup and checkpoint
+interval scaled, the cosine decay over the shorter run. Half the length takes 42 min but leaves the rows inside each
+other's spread (docs/design.md). A runs folder keeps one length: another is refused.
 
 Headline rows (C, G+C, G+C+M and the fixed/adaptive comparison) run with three seeds and report mean and spread
 (min..max); the others with seed 0, the demo's seeds. Seed s > 0 adds 100 * s to every stage's `train.seed` and
@@ -54,7 +54,7 @@ HEADLINE_SEEDS = (0, 1, 2)
 # Every training at its recipe's whole length by default. Half (--steps 0.5) fits the 17 trainings in 42 min two at
 # a time on 2 cores, against ~1.5 h, but stops stage 1 before retrieval and binding take off: G+C and C overlap and
 # binding is at chance (docs/experiments.md, 2026-12-06, "half the steps"). A shorter run is for a quick look.
-STEPS = 1.0
+STEPS = (1.0, 1.0, 1.0)  # stages 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -128,15 +128,15 @@ def schedule_overrides(stage: int, steps: float) -> list[str]:
             f"train.save_every={max(1, round(raw.train.save_every * steps))}"]
 
 
-def _node_extra(name: str, seed: int, parent_final: str | None, extra: list[str], steps: float = 1.0) -> list[str]:
+def _node_extra(name: str, seed: int, parent_final: str | None, extra: list[str], steps: tuple = STEPS) -> list[str]:
     # demo.train_stage names its folder stage{k} and initialises from stage{k-1} under the same root; the explicit
     # init_from below (listed after its own) points it at this node's parent instead.
     node = NODES[name]
-    return [*seed_overrides(node.stage, seed), *schedule_overrides(node.stage, steps),
+    return [*seed_overrides(node.stage, seed), *schedule_overrides(node.stage, steps[node.stage - 1]),
             f"train.init_from={parent_final or 'null'}", *node.overrides, *extra]
 
 
-def train_node(name: str, seed: int, data: str, runs: str, extra: list[str], steps: float = 1.0) -> str:
+def train_node(name: str, seed: int, data: str, runs: str, extra: list[str], steps: tuple = STEPS) -> str:
     """Train `name` (and its parents first) for `seed`, in this process; -> its final model folder. Finished stages
     are reused."""
     node = NODES[name]
@@ -146,7 +146,7 @@ def train_node(name: str, seed: int, data: str, runs: str, extra: list[str], ste
 
 
 def node_args(name: str, seed: int, data: str, runs: str, extra: list[str],
-              steps: float = 1.0) -> tuple[list[str], str]:
+              steps: tuple = STEPS) -> tuple[list[str], str]:
     """`python -m ville.train` arguments of `name` for `seed` (what `train_node` runs) and its final model folder."""
     node = NODES[name]
     parent = node_args(node.parent, seed, data, runs, extra, steps)[1] if node.parent else None
@@ -218,7 +218,7 @@ def run_trainings(todo: list[tuple[str, int]], jobs: int, start, poll_s: float =
         raise SystemExit(f"[ablate] training {name} (seed {seed}) failed with exit code {rc}; its log: {log}")
 
 
-def start_training(name: str, seed: int, data: str, runs: str, extra: list[str], threads: int, steps: float = 1.0):
+def start_training(name: str, seed: int, data: str, runs: str, extra: list[str], threads: int, steps: tuple = STEPS):
     """`node_args` as a `python -m ville.train` subprocess with `threads` CPU threads, its output in
     RUNS/seed{seed}/{name}/stage{k}.log; None when its final model exists."""
     args, final = node_args(name, seed, data, runs, extra, steps)
@@ -390,9 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                     help="trainings at once, each a subprocess with CPU cores / jobs threads (default: 2 when there "
                          "are 2 cores or more; 1: one after another, in this process)")
-    ap.add_argument("--steps", type=float, default=STEPS,
-                    help="every training's schedule at this fraction of the tiny recipes' steps (default 1: the "
-                         "demo's schedule; 0.5 took 42 min instead of ~1.5 h on 2 cores, but its rows do not separate)")
+    ap.add_argument("--steps", type=float, nargs="+", default=[1.0],
+                    help="each training's schedule at this fraction of its tiny recipe's steps: one for every stage, "
+                         "or one per stage 1 2 3 (default 1: the demo's schedules; 0.5 took 42 min instead of ~1.5 h "
+                         "on 2 cores, but its rows do not separate)")
     for name, default in (("num-train", 3000), ("num-val", 100), ("num-test", 300), ("num-compositional", 200),
                           ("num-composed", 200)):
         ap.add_argument(f"--{name}", type=int, default=default, help="benchmark size when it must be generated")
@@ -405,46 +406,50 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs < 1:
         print(f"error: --jobs: expected >= 1, got {args.jobs}", file=sys.stderr)
         return 2
-    if not 0 < args.steps <= 1:
-        print(f"error: --steps: expected a fraction in (0, 1], got {args.steps}", file=sys.stderr)
+    steps = tuple(args.steps * 3 if len(args.steps) == 1 else args.steps)
+    if len(steps) != 3 or not all(0 < f <= 1 for f in steps):
+        print(f"error: --steps: expected one fraction in (0, 1], or one per stage (3), got {args.steps}",
+              file=sys.stderr)
         return 2
     marker = os.path.join(args.runs, "schedule.json")  # trainings at another length must not be reused
     before = None
     if os.path.isfile(marker):
         with open(marker) as f:
-            before = json.load(f).get("steps")
+            before = json.load(f)["steps"]
+        before = tuple(before) if isinstance(before, list) else (before,) * 3
     elif any(d.startswith("seed") for d in (os.listdir(args.runs) if os.path.isdir(args.runs) else [])):
-        before = 1.0  # trained before --steps existed: at the recipes' own length
-    if before is not None and before != args.steps:
-        print(f"error: --steps {args.steps}: {args.runs} holds trainings at --steps {before}; pass --steps {before}, "
-              f"or another --runs", file=sys.stderr)
+        before = STEPS  # trained before --steps existed: at the recipes' own length
+    if before is not None and before != steps:
+        shown = " ".join(f"{f:g}" for f in before)
+        print(f"error: --steps {' '.join(f'{f:g}' for f in steps)}: {args.runs} holds trainings at --steps {shown}; "
+              f"pass --steps {shown}, or another --runs", file=sys.stderr)
         return 2
     rows = [known[r] for r in args.rows] if args.rows else list(ROWS)
     t0 = time.time()
     os.makedirs(args.runs, exist_ok=True)
     with open(marker, "w") as f:
-        json.dump({"steps": args.steps}, f)
+        json.dump({"steps": list(steps)}, f)
     demo.generate(args.data, args)
     demo.generate_binding(args.data)
     todo = trainings(rows, args.seeds)
     if args.jobs == 1:
         for name, seed in todo:
-            train_node(name, seed, args.data, args.runs, args.train_overrides, args.steps)
+            train_node(name, seed, args.data, args.runs, args.train_overrides, steps)
     else:
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
         run_trainings(todo, args.jobs, lambda name, seed: start_training(name, seed, args.data, args.runs,
-                                                                         args.train_overrides, threads, args.steps))
+                                                                         args.train_overrides, threads, steps))
     print(f"[ablate] {len(todo)} trainings ready ({time.time() - t0:.0f} s)")
     results: dict[str, dict[int, dict]] = {}
     for row in rows:
         for seed in row.seeds[: args.seeds or None]:
-            final = node_args(row.node, seed, args.data, args.runs, args.train_overrides, args.steps)[1]
+            final = node_args(row.node, seed, args.data, args.runs, args.train_overrides, steps)[1]
             t = time.time()
             results.setdefault(row.name, {})[seed] = evaluate_row(row, seed, final, args.data, args.runs,
                                                                   args.eval_clips)
             print(f"[ablate] {row.name}, seed {seed}: {results[row.name][seed]} ({time.time() - t:.0f} s to evaluate)")
     for seed in sorted({s for r in LENGTHS for s in results.get(r, {})}):
-        ms = paired_embed_ms(node_args("gcm3", seed, args.data, args.runs, args.train_overrides, args.steps)[1],
+        ms = paired_embed_ms(node_args("gcm3", seed, args.data, args.runs, args.train_overrides, steps)[1],
                              args.data, args.runs, seed)
         for row in LENGTHS:
             if seed in results.get(row, {}):
@@ -452,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[ablate] embedding ms per video side by side, seed {seed}: {ms}")
     summary = summarise(results)
     header = (f"ville ablations: {args.num_train} synthetic training clips, {args.eval_clips} test clips, "
-              f"{args.steps:g} x the tiny recipes' steps; "
+              f"stages 1 / 2 / 3 at {' / '.join(f'{f:g}' for f in steps)} x the tiny recipes' steps; "
               f"{time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} CPU, {time.time() - t0:.0f} s "
               f"(this invocation; finished trainings and evaluations are reused)")
     table = markdown(summary)

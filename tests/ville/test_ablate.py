@@ -77,11 +77,16 @@ def test_steps_scale_every_schedule_and_an_override_still_wins():
         assert got.train.save_every == round(raw.train.save_every * 0.5)
         assert got.optim.lr == raw.optim.lr and got.train.tasks == raw.train.tasks  # nothing else moves
     assert load_recipe("recipes/tiny/stage1.yaml", A.schedule_overrides(1, 0.001)).train.max_steps == 1
-    args, final = A.node_args("gcm3", 1, "data", "runs", ["train.max_steps=2"], steps=0.5)
+    args, final = A.node_args("gcm3", 1, "data", "runs", ["train.max_steps=2"], steps=(1, 1, 0.5))
     stage3 = load_recipe(args[0], args[1:])
     assert stage3.train.max_steps == 2 and stage3.train.seed == 103
+    # one fraction per stage: each node takes its own stage's
+    args = A.node_args("gcm3", 0, "data", "runs", [], steps=(0.75, 1, 0.5))[0]
+    assert load_recipe(args[0], args[1:]).train.max_steps == 85
+    args = A.node_args("gc1", 0, "data", "runs", [], steps=(0.75, 1, 0.5))[0]
+    assert load_recipe(args[0], args[1:]).train.max_steps == 750
     assert stage3.train.init_from == os.path.join("runs", "seed1", "gc2", "stage2", "final")
-    assert A.STEPS == 1  # the demo's schedule unless asked
+    assert A.STEPS == (1, 1, 1)  # the demo's schedules unless asked
 
 
 class _FakeTraining:
@@ -210,9 +215,11 @@ def test_two_rows_run_and_a_rerun_reuses_them(tmp_path, monkeypatch, capsys):
     assert "final model:" in open(os.path.join(runs, "seed0", "c1", "stage1.log")).read()
     assert set(json.load(open(os.path.join(runs, "ablation.json")))["seeds"]) == {"C"}
     # These trainings ran at the default --steps: the same folder at another length is refused, in one line.
-    assert json.load(open(os.path.join(runs, "schedule.json"))) == {"steps": A.STEPS}
+    assert json.load(open(os.path.join(runs, "schedule.json"))) == {"steps": [1, 1, 1]}
     capsys.readouterr()
-    assert A.main([*argv, "--steps", "0.5"]) == 2
+    assert A.main([*argv, "--steps", "1", "1", "0.5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"holds trainings at --steps {A.STEPS}" in err[0]
-    assert A.main([*argv, "--steps", "0"]) == 2
+    assert len(err) == 1 and "holds trainings at --steps 1 1 1; pass --steps 1 1 1" in err[0], err
+    for bad in (["0"], ["0.5", "0.5"], ["1.5"]):
+        assert A.main([*argv, "--steps", *bad]) == 2
+        assert "error: --steps: expected one fraction" in capsys.readouterr().err
