@@ -415,8 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     before = None
     if os.path.isfile(marker):
         with open(marker) as f:
-            before = json.load(f)["steps"]
-        before = tuple(before) if isinstance(before, list) else (before,) * 3
+            before = tuple(json.load(f)["steps"])
     elif any(d.startswith("seed") for d in (os.listdir(args.runs) if os.path.isdir(args.runs) else [])):
         before = STEPS  # trained before --steps existed: at the recipes' own length
     if before is not None and before != steps:
